@@ -1,0 +1,31 @@
+"""convlens: explain and interpret convolutional image classifiers written in PyTorch.
+
+Example:
+    >>> import convlens as cl
+    >>> model = cl.load_model()
+    >>> e = cl.explain(model, cl.sample_images()["chelsea"], method="guided_backprop")
+    >>> e.overlay().save("guided.png")
+"""
+
+from convlens import targets
+from convlens.api import explain
+from convlens.explanation import Explanation
+from convlens.images import load_image, sample_images
+from convlens.model import Model, load_model, wrap
+from convlens.registry import get_method, list_methods, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "Model",
+    "explain",
+    "get_method",
+    "list_methods",
+    "load_image",
+    "load_model",
+    "register",
+    "sample_images",
+    "targets",
+    "wrap",
+]

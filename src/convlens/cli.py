@@ -1,0 +1,239 @@
+"""The ``convlens`` command line.
+
+convlens explain IMAGE... --methods saliency,guided_backprop --target 285 --out DIR
+convlens explain --samples --methods all --out demo-output
+convlens methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import html
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def _parse_methods(text: str) -> list[str]:
+    from convlens.registry import get_method, list_methods
+
+    if text.strip() == "all":
+        return list_methods()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UsageError("--methods is empty; give NAME[,NAME...] or 'all'")
+    for name in names:
+        get_method(name)  # raises with the list of known methods
+    return names
+
+
+def _parse_target(text: str | None) -> Any:
+    if text is None or text == "predicted":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text  # a label name, checked against the model's labels
+
+
+def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--param name=value`` pairs, given to each selected method that takes ``name``."""
+    from convlens.registry import get_method
+
+    per_method: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r} must look like name=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        takers = [name for name in methods if key in get_method(name).defaults]
+        if not takers:
+            raise UsageError(f"no selected method takes the parameter {key!r}")
+        for name in takers:
+            per_method[name][key] = value
+    return per_method
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _safe_stem(name: str) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem)
+    return stem or "image"
+
+
+def _index_html(results: list[dict[str, Any]], methods: Sequence[str]) -> str:
+    """A plain page: one row per image, one picture per method."""
+    rows = []
+    for result in results:
+        cells = [f"<th>{html.escape(result['image'])}<br>{html.escape(result['label'])}</th>"]
+        for name in methods:
+            entry = result["methods"].get(name)
+            if entry is None:
+                cells.append("<td>failed</td>")
+                continue
+            cells.append(
+                f'<td><img src="{html.escape(entry["file"])}" width="224" height="224" '
+                f'alt="{html.escape(name)}"><br>{html.escape(name)} '
+                f"({entry['seconds']:.2f} s, {entry['forwards']} forwards)</td>"
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in methods)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>convlens</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:4px;text-align:center;"
+        "font-size:12px;vertical-align:top}</style></head><body><h1>convlens explanations</h1>"
+        f"<table><tr><th>image</th>{head}</tr>{''.join(rows)}</table></body></html>\n"
+    )
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    import convlens as cl
+    from convlens.images import ImageError
+
+    methods = _parse_methods(args.methods)
+    params = _parse_params(args.param, methods)
+    target = _parse_target(args.target)
+    if not args.images and not args.samples:
+        raise UsageError("give image files, or --samples for the bundled photos")
+    model = cl.load_model(args.model)
+    images: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
+    if args.samples:
+        images += list(cl.sample_images().items())
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, failures = [], 0
+    bar = tqdm(total=len(images) * len(methods), desc="explain", unit="map", delay=1.0)
+    for name, source in images:
+        try:
+            x = model.inputs(source)
+        except (ImageError, FileNotFoundError, ValueError, TypeError) as error:
+            print(f"convlens: skipping {name}: {error}", file=sys.stderr)
+            failures += 1
+            bar.update(len(methods))
+            continue
+        stem = _safe_stem(name)
+        probabilities = model.predict(x)[0]
+        top = int(probabilities.argmax())
+        result: dict[str, Any] = {
+            "image": name,
+            "prediction": top,
+            "label": model.label(top),
+            "probability": float(probabilities[top]),
+            "methods": {},
+        }
+        for method in methods:
+            bar.set_postfix_str(f"{stem}: {method}")
+            explanation = cl.explain(
+                model,
+                x,
+                method=method,
+                target=target,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                progress=False,
+                **params[method],
+            )
+            filename = f"{stem}_{method}.png"
+            explanation.save(out / filename)
+            summary = explanation.summary()
+            result["methods"][method] = {
+                "file": filename,
+                "target": summary["targets"][0],
+                "label": summary["labels"][0],
+                "seconds": summary["seconds"],
+                "forwards": summary["forwards"],
+                "params": summary["params"],
+                "extras": summary["extras"],
+            }
+            bar.update(1)
+        results.append(result)
+    bar.close()
+    document = {"model": model.name, "methods": methods, "images": results}
+    _write_atomic(out / "results.json", json.dumps(document, indent=2).encode())
+    _write_atomic(out / "index.html", _index_html(results, methods).encode())
+    print(f"wrote {len(results)} image(s) x {len(methods)} method(s) to {out}/")
+    return 1 if failures else 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from convlens.registry import get_method, list_methods
+
+    for name in list_methods(args.family):
+        cls = get_method(name)
+        print(f"{name:22s} {cls.family:13s} {cls.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convlens", description="Explain and interpret convolutional image classifiers."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    explain = commands.add_parser("explain", help="explain predictions on images")
+    explain.add_argument("images", nargs="*", help="image files")
+    explain.add_argument("--samples", action="store_true", help="also use the bundled photos")
+    explain.add_argument("--model", help="checkpoint from `convlens train` (default: bundled)")
+    explain.add_argument(
+        "--methods", default="saliency", help="NAME[,NAME...] or 'all' (see `convlens methods`)"
+    )
+    explain.add_argument("--target", help="class index, label name or 'predicted' (default)")
+    explain.add_argument("--out", default="convlens-output", help="output folder")
+    explain.add_argument("--batch-size", type=int, default=None, help="images per model call")
+    explain.add_argument("--seed", type=int, default=0, help="seed of random methods")
+    explain.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method parameter, e.g. steps=32 (given to every selected method that takes it)",
+    )
+    explain.set_defaults(run=_explain)
+
+    methods = commands.add_parser("methods", help="list the explanation methods")
+    methods.add_argument("--family", help="only this family (gradient, cam, ...)")
+    methods.set_defaults(run=_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, IndexError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"convlens: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convlens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``Explanation``: the immutable record every method returns."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from convlens import viz
+
+__all__ = ["REDUCTIONS", "Explanation"]
+
+# How a (B, C, H, W) attribution becomes a (B, H, W) heat map.
+REDUCTIONS = {
+    "max_abs": lambda a: a.abs().amax(dim=1),  # Simonyan et al. 2014: max |g| over channels
+    "sum": lambda a: a.sum(dim=1),  # signed evidence per pixel (additive methods)
+    "abs_sum": lambda a: a.abs().sum(dim=1),
+    "mean": lambda a: a.mean(dim=1),
+}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What a method found, with everything needed to reproduce and show it.
+
+    Attributes:
+        attribution: float32 CPU tensor at input resolution: (B, 1, H, W) for maps, (B, C, H, W)
+            for pixel-wise gradient methods.
+        method: registry name of the method.
+        targets: resolved target per input (class index, or a description for other targets).
+        layer: name of the layer explained, or ``None``.
+        params: every parameter the method used, defaults included.
+        seconds: wall-clock time of the method.
+        forwards: images passed through the model (a gradient counts as one forward).
+        inputs: the (preprocessed) input batch, float32 on the CPU.
+        reduction: how :meth:`heatmap` reduces channels (see ``REDUCTIONS``).
+        extras: method-specific results (e.g. integrated gradients' completeness gap).
+        labels: the class name of each target, where the model has labels.
+        display: the inputs as RGB pictures (B, H, W, 3) uint8, for overlays.
+    """
+
+    attribution: Tensor
+    method: str
+    targets: list[Any]
+    layer: str | None
+    params: Mapping[str, Any]
+    seconds: float
+    forwards: int
+    inputs: Tensor
+    reduction: str = "max_abs"
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    labels: list[str | None] = field(default_factory=list)
+    display: np.ndarray | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Explanation(method={self.method!r}, attribution={tuple(self.attribution.shape)}, "
+            f"targets={self.targets}, seconds={self.seconds:.3f}, forwards={self.forwards})"
+        )
+
+    def heatmap(self) -> Tensor:
+        """(B, H, W) map: the method's channel reduction of :attr:`attribution`."""
+        if self.attribution.shape[1] == 1:
+            return self.attribution[:, 0]
+        return REDUCTIONS[self.reduction](self.attribution)
+
+    def _picture(self, i: int) -> np.ndarray:
+        if self.display is not None:
+            return self.display[i]
+        x = self.inputs[i : i + 1]
+        low, high = x.amin(), x.amax()
+        x = ((x - low) / (high - low).clamp(min=1e-12)).expand(-1, 3, -1, -1)[:, :3]
+        return (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+    def overlay(self, i: int = 0, alpha: float = 0.8) -> Image.Image:
+        """PIL image of input ``i`` with its heat map laid over it."""
+        if not 0 <= i < self.attribution.shape[0]:
+            raise IndexError(f"input {i} is out of range for {self.attribution.shape[0]} inputs")
+        return viz.overlay(self._picture(i), self.heatmap()[i].numpy(), alpha=alpha)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly metadata (no tensors)."""
+        return {
+            "method": self.method,
+            "targets": self.targets,
+            "labels": self.labels,
+            "layer": self.layer,
+            "params": _jsonable(dict(self.params)),
+            "seconds": self.seconds,
+            "forwards": self.forwards,
+            "extras": _jsonable(dict(self.extras)),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save as a picture (``.png``/``.jpg``: overlays side by side) or a ``.pt`` record."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".pt":
+            torch.save(
+                {
+                    "attribution": self.attribution,
+                    "inputs": self.inputs,
+                    "summary": json.dumps(self.summary()),
+                },
+                path,
+            )
+        elif path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            pictures = [self.overlay(i) for i in range(self.attribution.shape[0])]
+            picture = pictures[0] if len(pictures) == 1 else viz.grid(pictures, columns=4)
+            picture.save(path)
+        else:
+            raise ValueError(f"cannot save to {path.name}: use .png, .jpg or .pt")
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist() if value.numel() <= 16 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return _jsonable(torch.from_numpy(value))
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

@@ -1,0 +1,153 @@
+"""Context managers that touch a model for the length of one explanation, and always undo it.
+
+* :func:`capture` records layer outputs with forward hooks (removed on exit).
+* :func:`override_rectifiers` changes the backward pass of every rectifier (guided backprop,
+  deconvnet): ``nn.ReLU`` (also in place), ``nn.ReLU6``, a module called several times, and
+  ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.relu6`` / ``F.hardtanh(x, 0, c)`` called
+  inside ``forward``. It is a :class:`torch.overrides.TorchFunctionMode`, so it sees each call,
+  not each module, and nothing is written onto the user's modules.
+* :func:`frozen` puts the model in eval mode with parameters that need no gradient, and restores
+  every ``training`` flag and ``requires_grad`` afterwards, also when an exception interrupts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["BackwardRule", "capture", "frozen", "override_rectifiers", "rules"]
+
+# A rectifier's backward rule: (grad_output, passes) -> grad_input, where ``passes`` is the
+# boolean mask of inputs on the rectifier's linear piece (0 < x, and x < upper for ReLU6).
+BackwardRule = Callable[[Tensor, Tensor], Tensor]
+
+
+class rules:
+    """Backward rules for rectifiers."""
+
+    @staticmethod
+    def gradient(grad: Tensor, passes: Tensor) -> Tensor:
+        """The true derivative (for tests)."""
+        return grad * passes
+
+    @staticmethod
+    def guided(grad: Tensor, passes: Tensor) -> Tensor:
+        """Guided backprop (Springenberg et al. 2015): positive signal, through active units."""
+        return grad.clamp(min=0) * passes
+
+    @staticmethod
+    def deconvnet(grad: Tensor, passes: Tensor) -> Tensor:
+        """Deconvnet (Zeiler & Fergus 2014): rectify the backward signal, ignore the forward."""
+        return grad.clamp(min=0)
+
+
+@contextmanager
+def capture(layers: Mapping[Any, nn.Module]) -> Iterator[dict[Any, Tensor]]:
+    """Record the output of each module in ``layers`` (the last call's, for a reused module).
+
+    Yields a dict filled during forward passes, keyed like ``layers``. Outputs keep their
+    autograd graph, so ``torch.autograd.grad(score, captured[key])`` works.
+    """
+    captured: dict[Any, Tensor] = {}
+    handles = []
+    try:
+        for key, module in layers.items():
+
+            def hook(_module: nn.Module, _inputs: Any, output: Any, key: Any = key) -> None:
+                captured[key] = output
+
+            handles.append(module.register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Rectifier(torch.autograd.Function):
+    """max(0, x) (or min(max(0, x), upper)) whose backward is a replaceable rule."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, upper: float | None, rule: BackwardRule) -> Tensor:
+        passes = x > 0
+        if upper is None:
+            out = x.clamp(min=0)
+        else:
+            passes &= x < upper
+            out = x.clamp(0, upper)
+        # The mask, not x, is saved: x may be overwritten by an in-place rectifier.
+        ctx.save_for_backward(passes)
+        ctx.rule = rule
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (passes,) = ctx.saved_tensors
+        return ctx.rule(grad, passes), None, None
+
+
+_RELU = {F.relu, torch.relu, Tensor.relu}
+_RELU_INPLACE = {torch.relu_, Tensor.relu_, F.relu_}
+
+
+class _RectifierMode(TorchFunctionMode):
+    def __init__(self, rule: BackwardRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        upper: float | None = None
+        if func in _RELU or func in _RELU_INPLACE:
+            inplace = func in _RELU_INPLACE or bool(kwargs.get("inplace", False))
+        elif func is F.relu6:
+            upper, inplace = 6.0, bool(kwargs.get("inplace", False))
+        elif func is F.hardtanh:
+            low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            upper = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            inplace = args[3] if len(args) > 3 else bool(kwargs.get("inplace", False))
+            if low != 0:  # a true hardtanh, not a clipped rectifier: leave it alone
+                return func(*args, **kwargs)
+        else:
+            return func(*args, **kwargs)
+        x = args[0]
+        out = _Rectifier.apply(x, upper, self.rule)
+        return x.copy_(out) if inplace else out
+
+
+@contextmanager
+def override_rectifiers(rule: BackwardRule) -> Iterator[None]:
+    """Within the block, every rectifier's backward pass follows ``rule``.
+
+    Example:
+        >>> with override_rectifiers(rules.guided):
+        ...     grad = torch.autograd.grad(model(x)[:, c].sum(), x)[0]
+    """
+    with _RectifierMode(rule):
+        yield
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter, both restored on exit.
+
+    Freezing the parameters means the backward pass computes only what an explanation needs
+    (gradients with respect to inputs or activations) and never writes a parameter's ``.grad``.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)

@@ -1,0 +1,118 @@
+"""Reading images and converting them to RGB, whatever their mode, size or dtype.
+
+Grayscale, RGBA, palette, 16-bit and CMYK inputs are converted rather than refused; unreadable
+input (a missing file, a truncated JPEG, a text file named ``.png``) raises a one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageLike", "load_image", "sample_images", "to_rgb"]
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+class ImageError(ValueError):
+    """An input that cannot be read as an image."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as an RGB :class:`PIL.Image.Image`.
+
+    Example:
+        >>> img = cl.load_image("photo.jpg")
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return to_rgb(img)
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {path}: not an image file PIL recognises") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(
+            f"cannot read {path}: the file is corrupt or truncated ({error})"
+        ) from None
+
+
+def _rgb_from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW given: make it HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(
+            f"an image array must be HxW, HxWx3 or HxWx4, not shape {tuple(array.shape)}"
+        )
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = (array // 257).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageError("the image array contains NaN or infinite values")
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        array = np.clip(array * scale, 0, 255).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        array = np.clip(array.astype(np.int64) * (255 if array.dtype == bool else 1), 0, 255)
+        array = array.astype(np.uint8)
+    else:
+        raise ImageError(f"unsupported image array dtype {array.dtype}")
+    return to_rgb(Image.fromarray(array))
+
+
+def to_rgb(image: ImageLike) -> Image.Image:
+    """Any image-like input as an 8-bit RGB PIL image.
+
+    Accepts a path, a PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) or an array
+    (HxW, HxWxC, or CxHxW; uint8, uint16, bool, or floats in [0, 1] or [0, 255]).
+    Transparent pixels are composited over white.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        return _rgb_from_array(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"expected an image path, PIL image or numpy array, not {type(image).__name__}"
+        )
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):  # 16-bit grayscale PNG
+        return _rgb_from_array(np.asarray(image, dtype=np.float64) / 65535.0)
+    if image.mode == "I":  # 32-bit integer: 16-bit data when it exceeds 255
+        array = np.asarray(image, dtype=np.float64)
+        return _rgb_from_array(array / (65535.0 if array.max(initial=0) > 255 else 255.0))
+    if image.mode == "F":
+        return _rgb_from_array(np.asarray(image, dtype=np.float64))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def sample_images() -> dict[str, Image.Image]:
+    """Photos bundled with scikit-image and scikit-learn (offline), by name.
+
+    Example:
+        >>> imgs = cl.sample_images(); imgs["chelsea"].size
+        (451, 300)
+    """
+    import skimage.data
+    from sklearn.datasets import load_sample_image
+
+    photos = {name: getattr(skimage.data, name)() for name in ("chelsea", "coffee", "rocket")}
+    photos["china"] = load_sample_image("china.jpg")
+    return {name: to_rgb(array) for name, array in photos.items()}

@@ -1,0 +1,262 @@
+"""``Model``: an ``nn.Module`` classifier with its preprocessing, labels and layer lookup.
+
+Example:
+    >>> model = cl.wrap(my_cnn, input_size=(224, 224), labels=["benign", "malignant"])
+    >>> x = model.preprocess(cl.load_image("lesion.jpg"))     # (1, 3, 224, 224)
+    >>> model.predict(x)                                       # probabilities
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convlens.images import ImageLike, to_rgb
+
+__all__ = ["Model", "as_model", "check_input", "load_model", "wrap"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_input(x: Tensor, channels: int | None = None) -> Tensor:
+    """Validate a preprocessed batch: a finite floating tensor of shape (B, C, H, W)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor of shape (B, C, H, W), not {type(x).__name__}")
+    if x.dim() == 3:
+        raise ValueError(
+            f"input has shape {tuple(x.shape)}; a batch of shape (B, C, H, W) is needed "
+            "(add a batch dimension with x[None])"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"input must have shape (B, C, H, W), not {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("input batch is empty")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"input has {x.shape[1]} channels; the model expects {channels}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, not {x.dtype}")
+    if not torch.isfinite(x).all():
+        bad = "NaN" if torch.isnan(x).any() else "infinite values"
+        raise ValueError(f"input contains {bad}")
+    return x
+
+
+class Model:
+    """A classifier with everything needed to explain it.
+
+    Attributes:
+        module: the ``nn.Module``, in eval mode.
+        labels: class names, or ``None``.
+        input_size: (H, W) the module expects, or ``None`` for a bare module (no preprocessing).
+        mean, std: per-channel normalisation applied by :meth:`preprocess`.
+        cam_layer: name of the default layer for CAM methods.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_size: tuple[int, int] | None = (224, 224),
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
+        labels: Sequence[str] | None = None,
+        cam_layer: str | None = None,
+        crop: float = 0.875,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, not {type(module).__name__}")
+        if not 0 < crop <= 1:
+            raise ValueError(f"crop must be in (0, 1], not {crop}")
+        self.module = module.eval()
+        self.input_size = tuple(input_size) if input_size is not None else None
+        self.mean = tuple(float(v) for v in mean) if mean is not None else None
+        self.std = tuple(float(v) for v in std) if std is not None else None
+        self.labels = list(labels) if labels is not None else None
+        self.crop = crop
+        self.name = name or type(module).__name__
+        if cam_layer is not None:
+            self.layer(cam_layer)  # fail early on a wrong name
+        self.cam_layer = cam_layer
+
+    def __repr__(self) -> str:
+        n_labels = len(self.labels) if self.labels else None
+        return f"Model({self.name}, input_size={self.input_size}, labels={n_labels})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.module.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
+        """Images (paths, PIL images or arrays, one or a list) as a normalised (B, 3, H, W) batch.
+
+        Resizes the shorter side to ``input_size / crop``, centre-crops ``input_size`` and
+        normalises with ``mean`` and ``std``.
+        """
+        if self.input_size is None:
+            raise ValueError(
+                "this model has no preprocessing (a bare nn.Module); pass a preprocessed "
+                "tensor, or use cl.wrap(module, input_size=..., mean=..., std=...)"
+            )
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("no images given")
+            return torch.cat([self.preprocess(image) for image in images])
+        rgb = to_rgb(images)
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)[None]
+        x = x / 255.0
+        height, width = self.input_size
+        scale = max(height / x.shape[-2], width / x.shape[-1]) / self.crop
+        size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
+        antialias = size[0] < x.shape[-2]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        x = x[..., top : top + height, left : left + width]
+        if self.mean is not None and self.std is not None:
+            x = (x - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(
+                1, -1, 1, 1
+            )
+        return x.contiguous()
+
+    def inputs(self, x: Any) -> Tensor:
+        """Validated input batch on the model's device: a tensor, or images to preprocess."""
+        if not isinstance(x, Tensor):
+            if self.input_size is None:
+                raise TypeError(
+                    "a bare nn.Module takes a preprocessed tensor of shape (B, C, H, W); "
+                    "wrap it with cl.wrap(...) to pass images"
+                )
+            x = self.preprocess(x)
+        return check_input(x).detach().to(self.device)
+
+    def to_display(self, x: Tensor) -> np.ndarray:
+        """The batch as RGB pictures (B, H, W, 3) uint8, undoing the normalisation."""
+        x = x.detach().float().cpu()
+        if self.mean is not None and self.std is not None and x.shape[1] == len(self.mean):
+            x = x * torch.tensor(self.std).view(1, -1, 1, 1) + torch.tensor(self.mean).view(
+                1, -1, 1, 1
+            )
+        else:  # unknown normalisation: stretch each image to [0, 1]
+            low = x.amin(dim=(1, 2, 3), keepdim=True)
+            high = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - low) / (high - low).clamp(min=1e-12)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x[:, :3]
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    # -- prediction ---------------------------------------------------------------------------
+    def predict(self, x: Any) -> Tensor:
+        """Class probabilities (B, K) for a batch or images."""
+        x = self.inputs(x)
+        was_training = self.module.training
+        try:
+            self.module.eval()
+            with torch.no_grad():
+                return self.module(x).softmax(dim=-1).cpu()
+        finally:
+            self.module.train(was_training)
+
+    def label(self, index: int) -> str:
+        """The name of class ``index`` (its number when the model has no labels)."""
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return str(index)
+
+    # -- layers ---------------------------------------------------------------------------------
+    def layer(self, name: str | nn.Module) -> nn.Module:
+        """The submodule called ``name`` (dotted path, as in ``named_modules()``)."""
+        if isinstance(name, nn.Module):
+            if not any(name is m for m in self.module.modules()):
+                raise ValueError(f"module {type(name).__name__} is not part of {self.name}")
+            return name
+        modules = dict(self.module.named_modules())
+        modules.pop("", None)
+        if name in modules:
+            return modules[name]
+        close = difflib.get_close_matches(str(name), modules, n=5, cutoff=0.5)
+        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-5:]
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"unknown layer {name!r} in {self.name}.{hint} Candidates include the last "
+            f"convolutions: {', '.join(convs) or '(none)'}; model.module.named_modules() "
+            "lists all."
+        )
+
+    def layer_name(self, module: nn.Module) -> str:
+        for name, candidate in self.module.named_modules():
+            if candidate is module:
+                return name
+        return type(module).__name__
+
+
+def wrap(
+    module: nn.Module,
+    input_size: tuple[int, int] = (224, 224),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    labels: Sequence[str] | None = None,
+    cam_layer: str | None = None,
+    crop: float = 0.875,
+) -> Model:
+    """Wrap any ``nn.Module`` classifier (logits out) with its preprocessing and labels.
+
+    Example:
+        >>> model = cl.wrap(resnet, labels=my_labels)
+        >>> cl.explain(model, "photo.jpg", method="integrated_gradients")
+    """
+    return Model(module, input_size, mean, std, labels, cam_layer=cam_layer, crop=crop)
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """A :class:`Model` for ``model``; a bare module gets no preprocessing and no labels."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        bare = Model.__new__(Model)
+        bare.module = model  # not put in eval mode here: explain() does that for its duration
+        bare.input_size = bare.mean = bare.std = bare.labels = bare.cam_layer = None
+        bare.crop, bare.name = 1.0, type(model).__name__
+        return bare
+    raise TypeError(f"expected a convlens.Model or an nn.Module, not {type(model).__name__}")
+
+
+CHECKPOINT_FORMAT = "convlens-checkpoint"
+
+
+def load_model(path: str | os.PathLike | None = None) -> Model:
+    """The bundled ImageNet EfficientNet-Lite0 (offline), or a checkpoint from ``convlens train``.
+
+    Checkpoints are read with ``torch.load(..., weights_only=True)``: no code is run.
+    """
+    from convlens import zoo
+
+    if path is None:
+        return zoo.efficientnet_lite0()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
+            "model build the nn.Module yourself and use cl.wrap(module, ...)"
+        )
+    return zoo.from_checkpoint(checkpoint)

@@ -1,0 +1,62 @@
+"""The method registry: ``@register(name, family)``, :func:`list_methods`, :func:`get_method`.
+
+Like timm's model registry, this one table drives :func:`convlens.explain`, the command line's
+``--methods`` choices and the generic test suite that runs over every registered method.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from convlens.methods.base import Method
+
+FAMILIES = ("gradient", "cam", "perturbation", "relevance")
+
+_METHODS: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound="type[Method]")
+
+
+def register(name: str, family: str) -> Callable[[M], M]:
+    """Class decorator that registers an explanation method under ``name``."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+    def decorate(cls: M) -> M:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_METHODS[name]}")
+        cls.name = name
+        cls.family = family
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_builtin_methods() -> None:
+    # Importing the family modules runs their @register decorators.
+    import convlens.methods  # noqa: F401
+
+
+def list_methods(family: str | None = None) -> list[str]:
+    """Names of the registered methods, in registration order, optionally of one family."""
+    _load_builtin_methods()
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return [name for name, cls in _METHODS.items() if family is None or cls.family == family]
+
+
+def get_method(name: str) -> type[Method]:
+    """The class registered under ``name``; a clear error lists the known names otherwise."""
+    _load_builtin_methods()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _METHODS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}.{hint} Known methods: {', '.join(_METHODS)}"
+        ) from None

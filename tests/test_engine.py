@@ -1,0 +1,42 @@
+"""The shared engine: balanced chunks, exact forward counts, batch-size independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny, tiny_input
+
+from convlens.engine import Engine, split
+
+
+def test_split_is_balanced_and_complete():
+    assert split(50, 8) == [(0, 7), (7, 14), (14, 21), (21, 29), (29, 36), (36, 43), (43, 50)]
+    assert split(3, 64) == [(0, 3)]
+    assert split(0, 4) == []
+    for n in range(1, 40):
+        for b in range(1, 12):
+            chunks = split(n, b)
+            assert chunks[0][0] == 0 and chunks[-1][1] == n
+            assert all(0 < stop - start <= b for start, stop in chunks)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_scores_stream_chunks_and_count_forwards(batch_size):
+    model, x = tiny(), tiny_input(1)
+    engine = Engine(batch_size, progress=False)
+    made = []
+
+    def make(start, stop):
+        made.append(stop - start)
+        return x.expand(stop - start, -1, -1, -1) * torch.arange(start, stop).view(-1, 1, 1, 1)
+
+    scores = engine.scores(10, make, lambda out: out[:, 2], model)
+    expected = model(x * torch.arange(10).view(-1, 1, 1, 1))[:, 2].detach()
+    torch.testing.assert_close(scores, expected)
+    assert engine.forwards == 10 and max(made) <= batch_size and sum(made) == 10
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_batch_size_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="batch_size"):
+        Engine(bad)
