@@ -23,26 +23,26 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["BackwardRule", "capture", "frozen", "override_rectifiers", "rules"]
 
-# A rectifier's backward rule: (grad_output, passes) -> grad_input, where ``passes`` is the
-# boolean mask of inputs on the rectifier's linear piece (0 < x, and x < upper for ReLU6).
-BackwardRule = Callable[[Tensor, Tensor], Tensor]
+# A rectifier's backward rule: (grad_output, through) -> grad_input, where ``through(g)`` passes
+# ``g`` through the rectifier's true derivative (zero outside 0 < x, and x < upper for ReLU6).
+BackwardRule = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
 
 
 class rules:
     """Backward rules for rectifiers."""
 
     @staticmethod
-    def gradient(grad: Tensor, passes: Tensor) -> Tensor:
+    def gradient(grad: Tensor, through: Callable[[Tensor], Tensor]) -> Tensor:
         """The true derivative (for tests)."""
-        return grad * passes
+        return through(grad)
 
     @staticmethod
-    def guided(grad: Tensor, passes: Tensor) -> Tensor:
+    def guided(grad: Tensor, through: Callable[[Tensor], Tensor]) -> Tensor:
         """Guided backprop (Springenberg et al. 2015): positive signal, through active units."""
-        return grad.clamp(min=0) * passes
+        return through(grad.clamp(min=0))
 
     @staticmethod
-    def deconvnet(grad: Tensor, passes: Tensor) -> Tensor:
+    def deconvnet(grad: Tensor, through: Callable[[Tensor], Tensor]) -> Tensor:
         """Deconvnet (Zeiler & Fergus 2014): rectify the backward signal, ignore the forward."""
         return grad.clamp(min=0)
 
@@ -74,21 +74,24 @@ class _Rectifier(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, upper: float | None, rule: BackwardRule) -> Tensor:
-        passes = x > 0
-        if upper is None:
-            out = x.clamp(min=0)
-        else:
-            passes &= x < upper
-            out = x.clamp(0, upper)
-        # The mask, not x, is saved: x may be overwritten by an in-place rectifier.
-        ctx.save_for_backward(passes)
-        ctx.rule = rule
+        out = torch.relu(x) if upper is None else F.hardtanh(x, 0.0, upper)
+        # The output, not x, is saved: x may be overwritten by an in-place rectifier. The output
+        # tells the same story: 0 < out < upper exactly where 0 < x < upper.
+        ctx.save_for_backward(out)
+        ctx.upper, ctx.rule = upper, rule
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (passes,) = ctx.saved_tensors
-        return ctx.rule(grad, passes), None, None
+        (out,) = ctx.saved_tensors
+        upper = ctx.upper
+
+        def through(g: Tensor) -> Tensor:  # PyTorch's own fused derivative kernels
+            if upper is None:
+                return torch.ops.aten.threshold_backward(g, out, 0)
+            return torch.ops.aten.hardtanh_backward(g, out, 0.0, upper)
+
+        return ctx.rule(grad, through), None, None
 
 
 _RELU = {F.relu, torch.relu, Tensor.relu}

@@ -1,0 +1,67 @@
+"""Explanation records: heat-map reductions, overlays, saving, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny, tiny_input
+from PIL import Image
+
+import convlens as cl
+from convlens.explanation import REDUCTIONS
+
+
+def test_heatmap_uses_the_methods_reduction(x):
+    model = tiny()
+    saliency = cl.explain(model, x, "saliency", absolute=False)
+    torch.testing.assert_close(saliency.heatmap(), saliency.attribution.abs().amax(dim=1))
+    ixg = cl.explain(model, x, "input_x_gradient")
+    assert ixg.reduction == "sum"
+    torch.testing.assert_close(ixg.heatmap(), ixg.attribution.sum(dim=1))
+    assert set(REDUCTIONS) >= {"max_abs", "sum"}
+
+
+def test_overlay_and_save(tmp_path):
+    model = cl.wrap(tiny(), input_size=(8, 8))
+    e = cl.explain(model, tiny_input(2), "saliency")
+    picture = e.overlay(1)
+    assert isinstance(picture, Image.Image) and picture.size == (8, 8)
+    with pytest.raises(IndexError):
+        e.overlay(2)
+    e.save(tmp_path / "map.png")
+    with Image.open(tmp_path / "map.png") as saved:
+        assert saved.size[0] > 8  # two overlays side by side
+    e.save(tmp_path / "map.pt")
+    record = torch.load(tmp_path / "map.pt", weights_only=True)
+    torch.testing.assert_close(record["attribution"], e.attribution)
+    assert json.loads(record["summary"])["method"] == "saliency"
+    with pytest.raises(ValueError, match=r"use \.png"):
+        e.save(tmp_path / "map.txt")
+
+
+def test_overlay_shows_the_evidence():
+    model = cl.wrap(tiny(), input_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1))
+    x = torch.full((1, 3, 8, 8), 0.5)
+    e = cl.explain(model, x, "saliency")
+    heat = e.heatmap()[0]
+    picture = torch.tensor(list(e.overlay().getdata()), dtype=torch.float32).view(8, 8, 3)
+    changed = (picture - 127.5).abs().sum(-1)  # distance from the grey input
+    strongest, weakest = heat.argmax(), heat.argmin()
+    assert changed.flatten()[strongest] > changed.flatten()[weakest]
+
+
+def test_explanation_is_immutable_and_readable(x):
+    e = cl.explain(tiny(), x, "saliency")
+    with pytest.raises(AttributeError):
+        e.method = "other"
+    assert "saliency" in repr(e) and "forwards=3" in repr(e)
+    assert e.summary()["params"] == {"absolute": True, "batch_size": 8}
+
+
+def test_progress_bar_shows_when_asked(capsys):
+    cl.explain(tiny(), tiny_input(1), "integrated_gradients", steps=8, progress=True)
+    assert "integrated_gradients" in capsys.readouterr().err
+    cl.explain(tiny(), tiny_input(1), "integrated_gradients", steps=8, progress=False)
+    assert capsys.readouterr().err == ""
