@@ -18,6 +18,8 @@ ACTIVATIONS = ("relu", "relu_inplace", "relu6", "functional", "reused", "relu_ha
 class TinyCNN(nn.Module):
     """conv -> act -> maxpool -> conv -> act -> fc -> act -> fc, for 3x8x8 inputs, 5 classes.
 
+    With ``head="gap"`` the end is global average pooling and one linear layer instead.
+
     ``act`` chooses how the rectifiers are written; the weights depend only on ``seed``, so two
     variants with the same seed compute the same function wherever they should.
 
@@ -28,8 +30,11 @@ class TinyCNN(nn.Module):
     * ``reused``: one ``nn.ReLU`` module called three times.
     """
 
-    def __init__(self, act: str = "relu", seed: int = 0, scale: float = 1.0) -> None:
+    def __init__(
+        self, act: str = "relu", seed: int = 0, scale: float = 1.0, head: str = "mlp"
+    ) -> None:
         super().__init__()
+        self.head = head
         generator = torch.Generator().manual_seed(seed)
         self.act = act
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
@@ -37,6 +42,8 @@ class TinyCNN(nn.Module):
         self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
         self.fc1 = nn.Linear(8 * 4 * 4, 16)
         self.fc2 = nn.Linear(16, 5)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * scale / p[0].numel() ** 0.5)
@@ -67,12 +74,14 @@ class TinyCNN(nn.Module):
         a1, a2, a3 = self._activations()
         x = self.pool(a1(self.conv1(x)))
         x = a2(self.conv2(x))
+        if self.head == "gap":  # global average pooling + one linear layer (CAM's structure)
+            return self.fc(self.gap(x).flatten(1))
         x = a3(self.fc1(x.flatten(1)))
         return self.fc2(x)
 
 
-def tiny(act: str = "relu", seed: int = 0, scale: float = 1.0) -> TinyCNN:
-    return TinyCNN(act, seed, scale).eval()
+def tiny(act: str = "relu", seed: int = 0, scale: float = 1.0, head: str = "mlp") -> TinyCNN:
+    return TinyCNN(act, seed, scale, head).eval()
 
 
 def tiny_input(n: int = 3, seed: int = 1, scale: float = 1.0) -> torch.Tensor:

@@ -18,6 +18,7 @@ import convlens as cl
 FAST: dict[str, dict[str, Any]] = {
     "integrated_gradients": {"steps": 6},
     "smoothgrad": {"n_samples": 5},
+    "cam": {"layer": "act2"},  # the layer the GAP head pools (the default conv2 is refused)
 }
 
 
@@ -60,7 +61,7 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 def prepared_model() -> nn.Module:
     """A model in a state worth preserving: mixed flags, a user hook, existing grads."""
-    model = tiny("relu6")
+    model = tiny("relu6", head="gap")  # every method, CAM included, applies to it
     model.train()
     model.fc2.eval()
     model.conv1.weight.requires_grad_(False)
@@ -123,7 +124,7 @@ def test_model_untouched_when_a_module_raises(method):
 
 @pytest.mark.parametrize("method", cl.list_methods())
 def test_batch_size_does_not_change_the_result(method):
-    model, x = tiny(), tiny_input(2)
+    model, x = tiny(head="gap"), tiny_input(2)
     one = cl.explain(model, x, method=method, batch_size=1, **fast(method))
     many = cl.explain(model, x, method=method, batch_size=64, **fast(method))
     scale = one.attribution.abs().max().item()
@@ -133,7 +134,7 @@ def test_batch_size_does_not_change_the_result(method):
 
 @pytest.mark.parametrize("method", cl.list_methods())
 def test_same_seed_same_result_bit_for_bit(method):
-    model, x = tiny(), tiny_input(2)
+    model, x = tiny(head="gap"), tiny_input(2)
     a = cl.explain(model, x, method=method, seed=3, **fast(method))
     b = cl.explain(model, x, method=method, seed=3, **fast(method))
     assert torch.equal(a.attribution, b.attribution)
@@ -145,7 +146,7 @@ def test_same_seed_same_result_bit_for_bit(method):
 @pytest.mark.parametrize("method", cl.list_methods())
 def test_unknown_parameter_is_refused_with_the_valid_ones(method):
     with pytest.raises(TypeError, match="unknown parameter"):
-        cl.explain(tiny(), tiny_input(1), method=method, no_such_knob=1)
+        cl.explain(tiny(head="gap"), tiny_input(1), method=method, no_such_knob=1)
 
 
 def test_every_method_has_a_paper_and_description():

@@ -79,6 +79,10 @@ def explain(
     if method_cls.random:
         record["seed"] = seed
     layer_used = instance.params.get("layer")
+    if isinstance(layer_used, (list, tuple)):
+        layer_used = ", ".join(
+            item if isinstance(item, str) else wrapped.layer_name(item) for item in layer_used
+        )
     return Explanation(
         attribution=attribution,
         method=method,

@@ -1,6 +1,7 @@
 """Context managers that touch a model for the length of one explanation, and always undo it.
 
-* :func:`capture` records layer outputs with forward hooks (removed on exit).
+* :func:`capture` records layer outputs with forward hooks (removed on exit), and
+  :func:`edit_output` replaces one call's output (Ablation-CAM).
 * :func:`override_rectifiers` changes the backward pass of every rectifier (guided backprop,
   deconvnet): ``nn.ReLU`` (also in place), ``nn.ReLU6``, a module called several times, and
   ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.relu6`` / ``F.hardtanh(x, 0, c)`` called
@@ -21,7 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["BackwardRule", "capture", "frozen", "override_rectifiers", "rules"]
+__all__ = [
+    "BackwardRule",
+    "Captured",
+    "OutputEdit",
+    "capture",
+    "edit_output",
+    "frozen",
+    "override_rectifiers",
+    "rules",
+]
 
 # A rectifier's backward rule: (grad_output, through) -> grad_input, where ``through(g)`` passes
 # ``g`` through the rectifier's true derivative (zero outside 0 < x, and x < upper for ReLU6).
@@ -47,26 +57,71 @@ class rules:
         return grad.clamp(min=0)
 
 
-@contextmanager
-def capture(layers: Mapping[Any, nn.Module]) -> Iterator[dict[Any, Tensor]]:
-    """Record the output of each module in ``layers`` (the last call's, for a reused module).
+class Captured(dict):
+    """Layer outputs (or inputs) by key, with how often each layer was called."""
 
-    Yields a dict filled during forward passes, keyed like ``layers``. Outputs keep their
-    autograd graph, so ``torch.autograd.grad(score, captured[key])`` works.
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[Any, int] = {}
+        self.order: list[Any] = []  # keys in the order of their most recent call
+
+
+@contextmanager
+def capture(layers: Mapping[Any, nn.Module], inputs: bool = False) -> Iterator[Captured]:
+    """Record the output (or first input) of each module in ``layers``.
+
+    A module called several times in one forward keeps its last call's tensor. Tensors keep
+    their autograd graph, so ``torch.autograd.grad(score, captured[key])`` works.
     """
-    captured: dict[Any, Tensor] = {}
+    captured = Captured()
     handles = []
     try:
         for key, module in layers.items():
 
-            def hook(_module: nn.Module, _inputs: Any, output: Any, key: Any = key) -> None:
-                captured[key] = output
+            def hook(_module: nn.Module, args: Any, output: Any, key: Any = key) -> None:
+                captured[key] = args[0] if inputs else output
+                captured.calls[key] = captured.calls.get(key, 0) + 1
+                if key in captured.order:
+                    captured.order.remove(key)
+                captured.order.append(key)
 
             handles.append(module.register_forward_hook(hook))
         yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+class OutputEdit:
+    """Replaces the output of one call of a module (see :func:`edit_output`)."""
+
+    def __init__(self, edit: Callable[[Tensor], Tensor], call: int) -> None:
+        self.edit, self.call, self.seen = edit, call, 0
+
+    def reset(self) -> None:
+        """Call before each forward pass: counting restarts."""
+        self.seen = 0
+
+    def __call__(self, _module: nn.Module, _args: Any, output: Tensor) -> Tensor | None:
+        self.seen += 1
+        return self.edit(output) if self.seen == self.call else None
+
+
+@contextmanager
+def edit_output(
+    module: nn.Module, edit: Callable[[Tensor], Tensor], call: int = 1
+) -> Iterator[OutputEdit]:
+    """Within the block, the ``call``-th call of ``module`` in each forward returns ``edit(out)``.
+
+    The yielded object's ``reset()`` must run before every forward pass (a reused module is
+    called several times per pass; only the chosen call is edited).
+    """
+    editor = OutputEdit(edit, call)
+    handle = module.register_forward_hook(editor)
+    try:
+        yield editor
+    finally:
+        handle.remove()
 
 
 class _Rectifier(torch.autograd.Function):

@@ -28,6 +28,7 @@ __all__ = [
     "Predicted",
     "Target",
     "TargetSpec",
+    "check_class",
     "check_target_spec",
     "layer_key",
     "layer_of",
@@ -52,7 +53,7 @@ class Target(ABC):
         return repr(self)
 
 
-def _check_class(index: int, output: Tensor) -> None:
+def check_class(index: int, output: Tensor) -> None:
     n_classes = output.shape[-1]
     if not 0 <= index < n_classes:
         raise ValueError(
@@ -70,7 +71,7 @@ class Class(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         if not isinstance(self.index, int):
             raise TypeError(f"class {self.index!r} must be resolved to an index first")
-        _check_class(self.index, output)
+        check_class(self.index, output)
         return output[:, self.index]
 
     def describe(self) -> Any:
@@ -98,8 +99,8 @@ class Contrast(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         if not isinstance(self.p, int) or not isinstance(self.q, int):
             raise TypeError("contrast classes must be resolved to indices first")
-        _check_class(self.p, output)
-        _check_class(self.q, output)
+        check_class(self.p, output)
+        check_class(self.q, output)
         return output[:, self.p] - output[:, self.q]
 
     def describe(self) -> Any:
@@ -260,7 +261,7 @@ def score_rows(
     if all(isinstance(t, Class) for t in targets):
         index = torch.tensor([t.index for t in targets], device=output.device)  # type: ignore[attr-defined]
         for t in targets:
-            _check_class(t.index, output)  # type: ignore[attr-defined]
+            check_class(t.index, output)  # type: ignore[attr-defined]
         return output.gather(1, index[:, None])[:, 0]
     return torch.cat(
         [

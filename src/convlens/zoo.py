@@ -22,6 +22,9 @@ __all__ = ["efficientnet_lite0", "from_checkpoint", "imagenet_labels"]
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 ARCHITECTURES = ("efficientnet-lite0",)
+# The head's ReLU6 output (7x7x1280), which the global average pooling reads. The module
+# `_swish` is also called at the stem; hooks read and edit a module's last call, the head's.
+HEAD_LAYER = "_swish"
 
 
 @lru_cache(maxsize=1)
@@ -58,7 +61,7 @@ def efficientnet_lite0() -> Model:
         mean=LITE_MEAN,
         std=LITE_STD,
         labels=imagenet_labels(),
-        cam_layer="_bn1",
+        cam_layer=HEAD_LAYER,
         crop=0.875,
         name="efficientnet-lite0",
     )
@@ -75,7 +78,7 @@ def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
         mean=checkpoint.get("mean", LITE_MEAN),
         std=checkpoint.get("std", LITE_STD),
         labels=labels,
-        cam_layer=checkpoint.get("cam_layer", "_bn1"),
+        cam_layer=checkpoint.get("cam_layer", HEAD_LAYER),
         crop=float(checkpoint.get("crop", 0.875)),
         name=checkpoint.get("name", checkpoint.get("arch", "efficientnet-lite0")),
     )

@@ -1,0 +1,500 @@
+"""The CAM family: a weighted sum of one layer's activation maps, upsampled to the input.
+
+Every variant shares the plumbing of :class:`CAMMethod`: choosing the layer (a name, a module,
+``Model.cam_layer``, or the last convolution whose output is still spatial), one forward pass
+that captures it (and one backward pass to it, never further, for the gradient variants), and
+upsampling. A gradient variant is then one formula, :meth:`GradientCAM.combine`; Score-CAM and
+Ablation-CAM run their many forward passes through the shared engine, in batches.
+
+Maps are returned in the units of the target score (no normalisation); ``relu`` and the other
+choices each paper makes are recorded in ``Explanation.params``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convlens.hooks import Captured, capture, edit_output
+from convlens.methods.base import Method
+from convlens.methods.gradient import GuidedBackprop
+from convlens.registry import register
+from convlens.targets import Class, Contrast, Target, check_class, resolve_targets, score_rows
+
+__all__ = [
+    "CAM",
+    "AblationCAM",
+    "CAMMethod",
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GradientCAM",
+    "GuidedGradCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "XGradCAM",
+    "upsample",
+    "weighted_sum",
+]
+
+
+def weighted_sum(activations: Tensor, weights: Tensor) -> Tensor:
+    """Σ_k w_k A_k: activations (B, K, h, w) and weights (B, K) give maps (B, h, w)."""
+    return torch.einsum("bkhw,bk->bhw", activations, weights)
+
+
+def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
+    """Maps (B, h, w) bilinearly resized to the input size: (B, 1, H, W)."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """numerator / denominator, and 0 where the denominator is 0."""
+    zero = denominator == 0
+    return torch.where(
+        zero, torch.zeros_like(numerator), numerator / denominator.masked_fill(zero, 1)
+    )
+
+
+class CAMMethod(Method):
+    """Base of the CAM family: layer choice, capture and upsampling."""
+
+    uses_layer = True
+    reduction = "sum"
+    multi_layer: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True}
+
+    # -- the layer ----------------------------------------------------------------------------
+    def _candidates(self) -> tuple[dict[int, nn.Module], bool]:
+        """Modules to capture and whether the choice among them waits for the forward pass."""
+        spec = self.params["layer"]
+        if spec is None:
+            spec = self.model.cam_layer
+        if spec is None:
+            convs = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Conv2d)}
+            if not convs:
+                raise ValueError("the model has no nn.Conv2d to explain; pass layer=NAME")
+            return convs, True
+        specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        if not specs:
+            raise ValueError("layer is an empty list")
+        if len(specs) > 1 and not self.multi_layer:
+            raise ValueError(f"{self.name} explains one layer; only layercam fuses several")
+        modules = [self.model.layer(s) for s in specs]
+        return {id(m): m for m in modules}, False
+
+    def _chosen(self, captured: Captured, layers: dict[int, nn.Module], auto: bool) -> list[int]:
+        """Keys of the layers to explain, and their names recorded in ``params``."""
+        if auto:
+            spatial = [
+                key
+                for key in captured.order
+                if isinstance(captured[key], Tensor)
+                and captured[key].dim() == 4
+                and captured[key].shape[-1] * captured[key].shape[-2] > 1
+            ]
+            if not spatial:
+                raise ValueError("no convolution in the model has a spatial output; pass layer=")
+            keys = [spatial[-1]]
+        else:
+            keys = list(layers)
+            for key in keys:
+                if key not in captured:
+                    name = self.model.layer_name(layers[key])
+                    raise ValueError(f"layer {name!r} was not called in the forward pass")
+                if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
+                    name = self.model.layer_name(layers[key])
+                    raise ValueError(f"layer {name!r} does not output a (B, C, H, W) tensor")
+        names = [self.model.layer_name(layers[key]) for key in keys]
+        self.params["layer"] = names[0] if len(names) == 1 else names
+        return keys
+
+    # -- forward passes -----------------------------------------------------------------------
+    def clean_forward(
+        self, x: Tensor, targets: list[Target]
+    ) -> tuple[list[Tensor], Tensor, list[Target], nn.Module, int]:
+        """Activations (one per layer), target scores, resolved targets, the (first) layer's
+        module and how often it is called per forward pass; no gradients."""
+        layers, auto = self._candidates()
+        parts: list[list[Tensor]] = []
+        scores, resolved = [], []
+        keys: list[int] = []
+        calls = 1
+        with torch.no_grad():
+            for start, stop in self.engine.chunks(len(x)):
+                with capture(layers) as captured, self.capturing(targets) as unit:
+                    output = self.model.module(x[start:stop])
+                self.engine.count(stop - start)
+                chunk_targets = resolve_targets(targets[start:stop], output)
+                keys = self._chosen(captured, layers, auto)
+                calls = captured.calls[keys[0]]
+                parts.append([captured[key] for key in keys])
+                scores.append(score_rows(chunk_targets, output, unit))
+                resolved += chunk_targets
+        activations = [torch.cat([part[i] for part in parts]) for i in range(len(keys))]
+        return activations, torch.cat(scores), resolved, layers[keys[0]], calls
+
+    def finish(self, maps: list[Tensor], size: Sequence[int]) -> Tensor:
+        """ReLU (if asked) and upsampling of each layer's map; several layers are fused."""
+        if self.params.get("relu"):
+            maps = [m.clamp(min=0) for m in maps]
+        upsampled = [upsample(m, size) for m in maps]
+        return upsampled[0] if len(upsampled) == 1 else self.fuse(upsampled)
+
+    def fuse(self, maps: list[Tensor]) -> Tensor:
+        raise ValueError(f"{self.name} explains one layer")
+
+
+class GradientCAM(CAMMethod):
+    """A CAM computed from a layer's activations A and the gradients G = d score / d A."""
+
+    @abstractmethod
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        """The variant's formula: (B, K, h, w) activations and gradients to maps (B, h, w)."""
+
+    def activations_and_gradients(
+        self, x: Tensor, targets: list[Target]
+    ) -> tuple[list[Tensor], list[Tensor], list[Target]]:
+        """One forward pass and one backward pass that stops at the explained layer(s)."""
+        layers, auto = self._candidates()
+        inputs = x.detach().requires_grad_(True)  # the graph exists although weights are frozen
+        with capture(layers) as captured, self.capturing(targets) as unit:
+            output = self.model.module(inputs)
+        targets = resolve_targets(targets, output)
+        keys = self._chosen(captured, layers, auto)
+        activations = [captured[key] for key in keys]
+        scores = score_rows(targets, output, unit)
+        gradients = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+        self.engine.count(len(x))
+        gradients = [
+            torch.zeros_like(a) if g is None else g
+            for a, g in zip(activations, gradients, strict=True)
+        ]
+        return [a.detach() for a in activations], gradients, targets
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        maps, resolved = [], []
+        with self.engine.task(len(x)):
+            for start, stop in self.engine.chunks(len(x)):
+                activations, gradients, chunk_targets = self.activations_and_gradients(
+                    x[start:stop], targets[start:stop]
+                )
+                layer_maps = [
+                    self.combine(a, g) for a, g in zip(activations, gradients, strict=True)
+                ]
+                maps.append(self.finish(layer_maps, x.shape[-2:]))
+                resolved += chunk_targets
+        return torch.cat(maps), resolved
+
+
+@register("gradcam", "cam")
+class GradCAM(GradientCAM):
+    """Grad-CAM: channel weights are the spatial mean of the gradients, α_k = mean_ij G_kij.
+
+    Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+    Localization", arXiv:1610.02391. Map = ReLU(Σ_k α_k A_k).
+    """
+
+    description = "gradient-weighted class activation map (Selvaraju et al. 2017)"
+
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return weighted_sum(activations, gradients.mean(dim=(2, 3)))
+
+
+@register("gradcam_pp", "cam")
+class GradCAMPlusPlus(GradientCAM):
+    """Grad-CAM++: pixel-weighted positive gradients.
+
+    Chattopadhyay, Sarkar, Howlader & Balasubramanian 2018, "Grad-CAM++: Improved Visual
+    Explanations for Deep Convolutional Networks", arXiv:1710.11063. With the exponential of
+    the score, α_kij = G² / (2 G² + Σ_ab A_kab G³) (0 where the denominator is 0) and
+    w_k = Σ_ij α_kij ReLU(G_kij); map = ReLU(Σ_k w_k A_k).
+    """
+
+    description = "Grad-CAM++: higher-order pixel weights (Chattopadhyay et al. 2018)"
+
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        g2 = gradients.pow(2)
+        denominator = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * gradients.pow(3)
+        alpha = _safe_divide(g2, denominator)
+        weights = (alpha * gradients.clamp(min=0)).sum(dim=(2, 3))
+        return weighted_sum(activations, weights)
+
+
+@register("hirescam", "cam")
+class HiResCAM(GradientCAM):
+    """HiResCAM: the element-wise product of gradients and activations, summed over channels.
+
+    Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", arXiv:2011.08891. Map = ReLU(Σ_k G_k ⊙ A_k); it equals
+    Grad-CAM when the head is global average pooling and one linear layer.
+    """
+
+    description = "HiResCAM: gradient times activation per position (Draelos & Carin 2020)"
+
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return (gradients * activations).sum(dim=1)
+
+
+@register("xgradcam", "cam")
+class XGradCAM(GradientCAM):
+    """XGrad-CAM: gradients averaged with the normalised activations as weights.
+
+    Fu et al. 2020, "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of
+    CNNs", arXiv:2008.02312. w_k = Σ_ij (A_kij / Σ_ab A_kab) G_kij; map = ReLU(Σ_k w_k A_k).
+    """
+
+    description = "XGrad-CAM: axiom-based channel weights (Fu et al. 2020)"
+
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        weights = _safe_divide(
+            (activations * gradients).sum(dim=(2, 3)), activations.sum(dim=(2, 3))
+        )
+        return weighted_sum(activations, weights)
+
+
+@register("layercam", "cam")
+class LayerCAM(GradientCAM):
+    """Layer-CAM: positive gradients weigh each activation where it is, in any layer.
+
+    Jiang, Zhang, Hou, Cheng & Wei 2021, "LayerCAM: Exploring Hierarchical Class Activation
+    Maps for Localization", IEEE TIP 30. Map = ReLU(Σ_k ReLU(G_k) ⊙ A_k). With a list of
+    layers, each map is upsampled and scaled by tanh(γ M / max M) (γ = ``gamma``, 2 in the
+    paper) and the maps are fused by their pixel-wise maximum, so the fused map lies in [0, 1).
+    """
+
+    description = "Layer-CAM: positive-gradient weighting, fuses layers (Jiang et al. 2021)"
+    multi_layer = True
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True, "gamma": 2.0}
+
+    def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
+        return (gradients.clamp(min=0) * activations).sum(dim=1)
+
+    def fuse(self, maps: list[Tensor]) -> Tensor:
+        gamma = self.params["gamma"]
+        scaled = [
+            torch.tanh(gamma * _safe_divide(m, m.amax(dim=(1, 2, 3), keepdim=True))) for m in maps
+        ]
+        return torch.stack(scaled).amax(dim=0)
+
+
+@register("cam", "cam")
+class CAM(CAMMethod):
+    """Class activation mapping: the classifier's own weights on the last feature maps.
+
+    Zhou, Khosla, Lapedriza, Oliva & Torralba 2016, "Learning Deep Features for Discriminative
+    Localization", arXiv:1512.04150. Needs a head of global average pooling and one linear layer
+    on the explained layer (it checks this in the forward pass and refuses other networks);
+    map = Σ_k w_{c,k} A_k, with no ReLU in the paper (``relu=False``).
+    """
+
+    description = "class activation map from a GAP + linear head (Zhou et al. 2016)"
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        layers, auto = self._candidates()
+        linears = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Linear)}
+        maps, resolved = [], []
+        with self.engine.task(len(x)), torch.no_grad():
+            for start, stop in self.engine.chunks(len(x)):
+                with capture(layers) as captured, capture(linears, inputs=True) as features:
+                    output = self.model.module(x[start:stop])
+                self.engine.count(stop - start)
+                chunk_targets = resolve_targets(targets[start:stop], output)
+                (key,) = self._chosen(captured, layers, auto)
+                weights = self._class_weights(captured[key], output, features, linears)
+                rows = torch.stack([self._row_weights(t, weights) for t in chunk_targets])
+                maps.append(self.finish([weighted_sum(captured[key], rows)], x.shape[-2:]))
+                resolved += chunk_targets
+        return torch.cat(maps), resolved
+
+    def _class_weights(
+        self, activations: Tensor, output: Tensor, features: Captured, linears: dict
+    ) -> Tensor:
+        refusal = (
+            "cam needs a network whose output is one linear layer applied to the global average "
+            "pooling of the explained layer (Zhou et al. 2016); {why}. Use 'gradcam', which "
+            "generalises CAM to any network."
+        )
+        if not features.order:
+            raise ValueError(refusal.format(why="this network has no nn.Linear"))
+        head = linears[features.order[-1]]
+        pooled = activations.mean(dim=(2, 3))
+        inputs = features[features.order[-1]]
+        scale = pooled.abs().max().clamp(min=1e-12)
+        if inputs.shape != pooled.shape or not torch.allclose(
+            inputs, pooled, rtol=1e-4, atol=1e-5 * scale
+        ):
+            raise ValueError(refusal.format(why="its last linear layer does not read that pooling"))
+        if output.shape != (inputs.shape[0], head.out_features) or not torch.allclose(
+            head(inputs), output, rtol=1e-4, atol=1e-5 * output.abs().max().clamp(min=1e-12)
+        ):
+            raise ValueError(refusal.format(why="its last linear layer is not the output"))
+        return head.weight
+
+    @staticmethod
+    def _row_weights(target: Target, weights: Tensor) -> Tensor:
+        if isinstance(target, Class):
+            check_class(target.index, weights.T)
+            return weights[target.index]
+        if isinstance(target, Contrast):
+            check_class(target.p, weights.T)
+            check_class(target.q, weights.T)
+            return weights[target.p] - weights[target.q]
+        raise ValueError(
+            "cam explains classes (its weights are the classifier's); use gradcam for "
+            f"{type(target).__name__} targets"
+        )
+
+
+def _probabilities(target: Target, output: Tensor, activations: Captured) -> Tensor:
+    """Score-CAM's score: softmax probability for classes (and contrasts), raw for units."""
+    if isinstance(target, (Class, Contrast)):
+        output = output.softmax(dim=-1)
+    return score_rows(target, output, activations)
+
+
+@register("scorecam", "cam")
+class ScoreCAM(CAMMethod):
+    """Score-CAM: each activation map, as a mask on the input, is weighted by the score it keeps.
+
+    Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+    Networks", arXiv:1910.01279. H_k = A_k upsampled and min-max normalised to [0, 1];
+    w_k = softmax(f(x ⊙ H_k))_c (as the authors' implementation; raw values for Channel/Neuron
+    targets); map = ReLU(Σ_k w_k A_k). One forward pass per channel, in batches; masks are made
+    chunk by chunk.
+    """
+
+    description = "Score-CAM: channels weighted by the score of the masked input (Wang 2020)"
+    batch_size = 32
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        activations, _, targets, _, _ = self.clean_forward(x, targets)
+        (features,) = activations
+        channels = features.shape[1]
+        size = x.shape[-2:]
+        maps = []
+        with self.engine.task(len(x) * channels):
+            for i, target in enumerate(targets):
+
+                def masked(start: int, stop: int, i: int = i) -> Tensor:
+                    masks = upsample(features[i, start:stop], size)
+                    low = masks.amin(dim=(1, 2, 3), keepdim=True)
+                    high = masks.amax(dim=(1, 2, 3), keepdim=True)
+                    return x[i : i + 1] * _safe_divide(masks - low, high - low)
+
+                with self.capturing([target]) as unit:
+                    weights = self.engine.scores(
+                        channels,
+                        masked,
+                        lambda out, target=target, unit=unit: _probabilities(target, out, unit),
+                        self.model.module,
+                    )
+                maps.append(weighted_sum(features[i : i + 1], weights[None]))
+        return self.finish([torch.cat(maps)], size), targets
+
+
+@register("ablationcam", "cam")
+class AblationCAM(CAMMethod):
+    """Ablation-CAM: a channel's weight is the relative drop of the score when it is zeroed.
+
+    Desai & Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep Convolutional Network
+    via Gradient-free Localization", WACV. w_k = (y - y_k) / y with y_k the score when channel
+    k of the layer is set to zero; map = ReLU(Σ_k w_k A_k). One forward pass per channel, in
+    batches; each row of a batch ablates a different channel of the same input.
+    """
+
+    description = "Ablation-CAM: channels weighted by the score drop when removed (Desai 2020)"
+    batch_size = 32
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        activations, scores, targets, layer, calls = self.clean_forward(x, targets)
+        (features,) = activations
+        channels = features.shape[1]
+        current = torch.arange(0)
+
+        def ablate(output: Tensor) -> Tensor:
+            output = output.clone()
+            output[torch.arange(len(current)), current] = 0
+            return output
+
+        maps = []
+        with self.engine.task(len(x) * channels), edit_output(layer, ablate, calls) as editor:
+
+            def forward(batch: Tensor) -> Tensor:
+                editor.reset()
+                return self.model.module(batch)
+
+            for i, target in enumerate(targets):
+                if scores[i] == 0:
+                    raise ValueError("ablationcam divides by the target score, which is 0 here")
+
+                def copies(start: int, stop: int, i: int = i) -> Tensor:
+                    nonlocal current
+                    current = torch.arange(start, stop, device=x.device)
+                    return x[i : i + 1].expand(stop - start, -1, -1, -1)
+
+                with self.capturing([target]) as unit:
+                    ablated = self.engine.scores(
+                        channels,
+                        copies,
+                        lambda out, target=target, unit=unit: score_rows(target, out, unit),
+                        forward,
+                    )
+                weights = (scores[i] - ablated) / scores[i]
+                maps.append(weighted_sum(features[i : i + 1], weights[None]))
+        return self.finish([torch.cat(maps)], x.shape[-2:]), targets
+
+
+@register("eigencam", "cam")
+class EigenCAM(CAMMethod):
+    """Eigen-CAM: the activations projected on their first principal component.
+
+    Muhammad & Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal Components",
+    arXiv:2008.00299. The (h·w, K) activation matrix is centred, its first right singular
+    vector v gives the map A·v, with the sign chosen so that the map correlates positively with
+    the summed activations. Class-independent: the target is recorded but does not change it.
+    """
+
+    description = "Eigen-CAM: first principal component of the activations (Muhammad 2020)"
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        with self.engine.task(len(x)):
+            activations, _, targets, _, _ = self.clean_forward(x, targets)
+        (features,) = activations
+        b, k, h, w = features.shape
+        matrix = features.reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
+        centred = matrix - matrix.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        projection = torch.einsum("bpk,bk->bp", centred, vh[:, 0])
+        total = matrix.sum(dim=2)
+        sign = torch.sign((projection * (total - total.mean(dim=1, keepdim=True))).sum(dim=1))
+        projection = projection * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
+        return self.finish([projection.reshape(b, h, w)], x.shape[-2:]), targets
+
+
+@register("guided_gradcam", "cam")
+class GuidedGradCAM(CAMMethod):
+    """Guided Grad-CAM: guided backpropagation times the upsampled Grad-CAM map.
+
+    Selvaraju et al. 2017, "Grad-CAM", arXiv:1610.02391, section 3: pixel-level detail from
+    guided backprop (Springenberg et al. 2015), class discrimination from Grad-CAM.
+    """
+
+    description = "guided backprop x Grad-CAM (Selvaraju et al. 2017)"
+    reduction = "max_abs"
+    defaults: ClassVar[dict[str, Any]] = {"layer": None}
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        gradcam = GradCAM(self.model, self.engine, {"layer": self.params["layer"], "relu": True})
+        maps, targets = gradcam.explain(x, targets)
+        self.params["layer"] = gradcam.params["layer"]
+        guided, _ = GuidedBackprop(self.model, self.engine, {}).explain(x, targets)
+        return guided * maps, targets
