@@ -8,14 +8,20 @@ seconds on a shared machine are not.
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+import convlens as cl
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -118,3 +124,108 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for row in rows:
         lines.append("  ".join(cell(row.get(c, "")).ljust(widths[c]) for c in columns))
     return "\n".join(lines)
+
+
+# How a method's floor is computed from the bare model's rates measured in the same run:
+# one pass at batch 1 (forward, or forward+backward) per model pass the method makes, or its
+# image count divided by the best rate over batch sizes 1 to 64.
+FLOORS = {
+    "fwdbwd_b1": "fwd+bwd at batch 1, per pass",
+    "fwdbwd_best": "images / best fwd+bwd rate",
+    "fwd_b1": "fwd at batch 1, per pass",
+    "fwd_best": "images / best fwd rate",
+}
+
+
+def setup() -> tuple[Any, torch.Tensor, int]:
+    """The bundled model, the chelsea photo preprocessed, and its predicted class."""
+    warnings.filterwarnings("ignore", module="captum")
+    torch.manual_seed(0)
+    model = cl.load_model()
+    x = model.preprocess(cl.sample_images()["chelsea"])
+    with torch.no_grad():
+        target = int(model.module(x).argmax())
+    return model, x, target
+
+
+def cold_peak_mb(suite: str, library: str, method: str) -> float:
+    """Extra peak memory of one cold call, measured in a fresh process (bench/memory.py)."""
+    command = [sys.executable, "-W", "ignore", "-m", "bench.memory", suite, library, method]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def run_suite(
+    suite: str,
+    methods: list[str],
+    floors: dict[str, str],
+    settings: dict[str, dict[str, Any]],
+    oracles: Callable[[torch.nn.Module, torch.Tensor, int], dict[str, Callable[[], Any]]],
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Time each method and its oracle, measure the floors before and after, print a table."""
+    model, x, target = setup()
+    bare = copy.deepcopy(model.module).eval()
+    frozen_parameters(bare)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
+    kinds = {"fwdbwd": forward_backward, "fwd": forward}
+    needed = {floor.split("_")[0] for floor in floors.values()}
+    before = {kind: throughput(kinds[kind], bare, x) for kind in needed}
+    oracle = oracles(model.module, x, target)
+    measured = []
+    for name in methods:
+
+        def ours(name: str = name) -> Any:
+            return cl.explain(
+                model, x, name, target=target, progress=False, **settings.get(name, {})
+            )
+
+        seconds, _, explanation = timed(ours, repeats)
+        theirs = timed(oracle[name], repeats)[0] if name in oracle else None
+        memory = cold_peak_mb(suite, "convlens", name)
+        their_memory = cold_peak_mb(suite, "captum", name) if name in oracle else None
+        measured.append((name, seconds, memory, explanation, theirs, their_memory))
+
+    rates = {kind: best_of(before[kind], throughput(kinds[kind], bare, x)) for kind in needed}
+    for kind, curve in rates.items():
+        best = max(curve, key=curve.get)
+        print(
+            f"{kind} images/s by batch size (best of before and after): "
+            + ", ".join(f"{b}: {r:.1f}" for b, r in curve.items())
+            + f"; best batch {best}"
+        )
+    rows = []
+    for name, seconds, memory, explanation, theirs, their_memory in measured:
+        kind, basis = floors[name].split("_")
+        curve = rates[kind]
+        rate = curve[1] if basis == "b1" else max(curve.values())
+        floor = explanation.forwards / rate
+        row = {
+            "method": name,
+            "seconds": seconds,
+            "forwards": explanation.forwards,
+            "batch": explanation.params["batch_size"],
+            "peak_MB": memory,
+            "floor_s": floor,
+            "ratio": seconds / floor,
+            "floor": FLOORS[floors[name]],
+        }
+        if theirs is not None:
+            row |= {
+                "captum_s": theirs,
+                "captum_ratio": theirs / floor,
+                "captum_MB": their_memory,
+                "vs_captum": theirs / seconds,
+            }
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print()
+    print(table(rows, columns))
+    print(
+        "\nratio = median seconds / floor; vs_captum = captum seconds / convlens seconds; "
+        "peak_MB = extra resident memory at the peak of one cold call in a fresh process"
+    )
+    return rows

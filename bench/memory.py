@@ -1,43 +1,36 @@
 """Extra peak memory of one cold call, in a fresh process.
 
-    python -m bench.memory {convlens,captum} METHOD
+    python -m bench.memory SUITE {convlens,captum} METHOD
 
 In a long-running process freed memory stays resident, so a second call shows no growth; a fresh
-process whose model is loaded and warmed with one batch-1 forward shows what the call itself
-needs. Prints the extra peak resident memory in MB.
+process whose model is loaded and warmed with one forward shows what the call itself needs.
+Prints the extra peak resident memory in MB.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch
-
 import convlens as cl
 
-from .common import PeakMemory
-from .gradient import STEPS, captum_runs
-
-SETTINGS = {"integrated_gradients": {"steps": STEPS}, "smoothgrad": {"n_samples": STEPS}}
+from .common import PeakMemory, setup
 
 
 def main() -> None:
-    library, method = sys.argv[1], sys.argv[2]
-    model = cl.load_model()
-    x = model.preprocess(cl.sample_images()["chelsea"])
-    with torch.no_grad():
-        target = int(model.module(x).argmax())
+    suite_name, library, method = sys.argv[1:4]
+    suite = importlib.import_module(f"bench.{suite_name}")
+    model, x, target = setup()
     if library == "captum":
-        run = captum_runs(model.module, x, target)[method]
+        run = suite.oracles(model.module, x, target)[method]
     else:
 
         def run():
-            return cl.explain(
-                model, x, method, target=target, progress=False, **SETTINGS.get(method, {})
-            )
+            settings = suite.SETTINGS.get(method, {})
+            return cl.explain(model, x, method, target=target, progress=False, **settings)
 
     with PeakMemory() as memory:
         run()

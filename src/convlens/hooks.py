@@ -200,12 +200,16 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
-        module.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
+        if any(training for _, training in modes):
+            module.eval()  # the module's own eval(): custom train() overrides are respected
+        for p, requires_grad in flags:
+            if requires_grad:
+                p.requires_grad_(False)
         yield module
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)

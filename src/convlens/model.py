@@ -184,8 +184,9 @@ class Model:
             if not any(name is m for m in self.module.modules()):
                 raise ValueError(f"module {type(name).__name__} is not part of {self.name}")
             return name
-        modules = dict(self.module.named_modules())
-        modules.pop("", None)
+        modules = self._named_modules()
+        if name not in modules:
+            modules = self._named_modules(refresh=True)  # the model may have changed
         if name in modules:
             return modules[name]
         close = difflib.get_close_matches(str(name), modules, n=5, cutoff=0.5)
@@ -198,10 +199,21 @@ class Model:
         )
 
     def layer_name(self, module: nn.Module) -> str:
-        for name, candidate in self.module.named_modules():
-            if candidate is module:
-                return name
+        """The dotted name of a submodule (its class name if it is not part of the model)."""
+        for refresh in (False, True):
+            names = {id(m): n for n, m in self._named_modules(refresh).items()}
+            if id(module) in names:
+                return names[id(module)]
         return type(module).__name__
+
+    def _named_modules(self, refresh: bool = False) -> dict[str, nn.Module]:
+        cached = self.__dict__.get("_module_names")
+        if refresh or cached is None or cached[0] is not self.module:
+            modules = dict(self.module.named_modules())
+            modules.pop("", None)
+            cached = (self.module, modules)
+            self.__dict__["_module_names"] = cached
+        return cached[1]
 
 
 def wrap(

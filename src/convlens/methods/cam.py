@@ -457,9 +457,10 @@ class EigenCAM(CAMMethod):
     """Eigen-CAM: the activations projected on their first principal component.
 
     Muhammad & Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal Components",
-    arXiv:2008.00299. The (h·w, K) activation matrix is centred, its first right singular
-    vector v gives the map A·v, with the sign chosen so that the map correlates positively with
-    the summed activations. Class-independent: the target is recorded but does not change it.
+    arXiv:2008.00299. The (h·w, K) activation matrix C is centred, its first right singular
+    vector v gives the map C·v (computed as s·u from the small Gram matrix C·Cᵀ), with the sign
+    chosen so that the map correlates positively with the summed activations.
+    Class-independent: the target is recorded but does not change the map.
     """
 
     description = "Eigen-CAM: first principal component of the activations (Muhammad 2020)"
@@ -472,8 +473,12 @@ class EigenCAM(CAMMethod):
         b, k, h, w = features.shape
         matrix = features.reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
         centred = matrix - matrix.mean(dim=1, keepdim=True)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        projection = torch.einsum("bpk,bk->bp", centred, vh[:, 0])
+        # C v1 = s1 u1, and u1, s1^2 are the top eigenpair of the small (hw, hw) Gram matrix
+        # C C^T: far cheaper than an SVD of C when the layer has many channels.
+        gram = (centred @ centred.transpose(1, 2)).double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        top = eigenvalues[:, -1].clamp(min=0).sqrt()[:, None] * eigenvectors[:, :, -1]
+        projection = top.to(features.dtype)
         total = matrix.sum(dim=2)
         sign = torch.sign((projection * (total - total.mean(dim=1, keepdim=True))).sum(dim=1))
         projection = projection * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
