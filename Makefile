@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/convlens explain --samples --methods all --out demo-output
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/convlens explain --samples --methods all --out demo-output
 	@echo "open demo-output/index.html"
 
 test: $(STAMP)

@@ -40,3 +40,23 @@ def test_scores_stream_chunks_and_count_forwards(batch_size):
 def test_batch_size_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="batch_size"):
         Engine(bad)
+
+
+def test_default_batch_size_follows_the_allocator_setting(monkeypatch):
+    from convlens import engine
+
+    monkeypatch.setitem(engine._KEPT, "active", False)
+    assert engine.default_batch_size(32) == 8 and engine.default_batch_size(4) == 4
+    monkeypatch.setitem(engine._KEPT, "active", True)
+    assert engine.default_batch_size(32) == 32
+
+
+def test_keep_freed_memory_takes_effect_on_linux_glibc():
+    import sys
+
+    from convlens.engine import keep_freed_memory, keeping_freed_memory
+
+    if sys.platform.startswith("linux"):  # this project's machines: glibc
+        assert keep_freed_memory() is True and keeping_freed_memory()
+    else:
+        assert keep_freed_memory() is False

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convlens.engine import Engine
+from convlens.engine import Engine, default_batch_size
 from convlens.explanation import Explanation
 from convlens.hooks import frozen
 from convlens.model import Model, as_model
@@ -39,7 +39,9 @@ def explain(
         target: ``None`` (each input's predicted class), an int, a list of ints (one per
             input), a label name, or a ``convlens.targets`` object (``Contrast(p, q)``, ...).
         layer: the layer for methods that take one (name or module).
-        batch_size: most images per model call (each method has its own default).
+        batch_size: most images per model call. The default is the method's own (32 for
+            Score-CAM and Ablation-CAM, 8 for gradient methods), at most 8 unless
+            ``convlens.engine.keep_freed_memory()`` is active (see there).
         seed: seed of random methods; the same seed gives the same result bit for bit.
         progress: ``True``/``False`` to force the progress bar on or off; ``None`` shows it for
             work longer than a second.
@@ -63,9 +65,9 @@ def explain(
     params = method_cls.resolve_params(given)
     inputs = wrapped.inputs(x).clone()
     targets = check_target_spec(target, len(inputs), wrapped.labels)
-    engine = Engine(
-        batch_size if batch_size is not None else method_cls.batch_size, progress, method
-    )
+    if batch_size is None:
+        batch_size = default_batch_size(method_cls.batch_size)
+    engine = Engine(batch_size, progress, method)
     instance = method_cls(wrapped, engine, params, seed)
 
     start = time.perf_counter()

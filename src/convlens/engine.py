@@ -8,8 +8,11 @@ or noisy copies never all sit in memory at once.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -17,7 +20,53 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["Engine", "split"]
+__all__ = ["Engine", "default_batch_size", "keep_freed_memory", "keeping_freed_memory", "split"]
+
+log = logging.getLogger(__name__)
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEPT = {"active": False}  # mirrors a process-wide allocator setting, which is global itself
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    A CNN forward pass allocates and frees tens of megabytes per layer. By default glibc maps
+    such blocks fresh from the kernel and unmaps them again, so every model call pays page
+    faults: on a 2-core machine the kernel's share of a perturbation run reached 60% and batch
+    32 ran at a third of its speed. With both thresholds raised to ``limit``, blocks up to that
+    size are recycled from the heap (measured: system time 9 s -> 0.3 s, Score-CAM 36 -> 120
+    images/s). The cost: freed memory stays resident in the process.
+
+    This is process-wide, so the library never does it on its own: the ``convlens`` command and
+    the benchmarks call it at start-up; call it yourself in a script. Linux/glibc only; returns
+    whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        kept = libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1
+        kept = libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1 and kept
+    except (OSError, AttributeError):
+        return False
+    _KEPT["active"] = _KEPT["active"] or kept
+    if kept:
+        log.info("glibc malloc keeps freed blocks up to %d bytes for reuse", limit)
+    return kept
+
+
+def keeping_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` took effect in this process."""
+    return _KEPT["active"]
+
+
+def default_batch_size(preferred: int) -> int:
+    """A method's default batch size: its preferred one when freed memory is kept, else at most
+    8, which measured fastest in a fresh process where large blocks go back to the kernel."""
+    return preferred if keeping_freed_memory() else min(preferred, 8)
 
 
 def split(n: int, batch_size: int) -> list[tuple[int, int]]:
