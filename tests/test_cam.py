@@ -131,6 +131,13 @@ def test_gradcam_formula(x):
     close(explain(model, "gradcam", x, layer="act2").attribution, expected)
 
 
+def test_hirescam_formula(x):
+    model = tiny()
+    a, g = layer_a_g(model, x)
+    expected = up(torch.relu((g * a).sum(1)))  # element-wise, no spatial averaging
+    close(explain(model, "hirescam", x, layer="act2").attribution, expected)
+
+
 def test_gradcam_pp_formula(x):
     model = tiny()
     a, g = layer_a_g(model, x)

@@ -75,7 +75,7 @@ def explain(
         attribution, resolved = instance.explain(inputs, targets)
     seconds = time.perf_counter() - start
 
-    attribution = attribution.detach().to(device="cpu", dtype=torch.float32)
+    attribution = attribution.detach().to(device="cpu", dtype=torch.float32).contiguous()
     _check_attribution(attribution, inputs, method)
     record = {**instance.params, "batch_size": engine.batch_size}
     if method_cls.random:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convlens.engine import model_layout
 from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method
 from convlens.methods.gradient import GuidedBackprop
@@ -129,7 +130,7 @@ class CAMMethod(Method):
         with torch.no_grad():
             for start, stop in self.engine.chunks(len(x)):
                 with capture(layers) as captured, self.capturing(targets) as unit:
-                    output = self.model.module(x[start:stop])
+                    output = self.model.module(model_layout(x[start:stop]))
                 self.engine.count(stop - start)
                 chunk_targets = resolve_targets(targets[start:stop], output)
                 keys = self._chosen(captured, layers, auto)
@@ -163,7 +164,7 @@ class GradientCAM(CAMMethod):
     ) -> tuple[list[Tensor], list[Tensor], list[Target]]:
         """One forward pass and one backward pass that stops at the explained layer(s)."""
         layers, auto = self._candidates()
-        inputs = x.detach().requires_grad_(True)  # the graph exists although weights are frozen
+        inputs = model_layout(x.detach()).requires_grad_(True)  # graph exists, weights frozen
         with capture(layers) as captured, self.capturing(targets) as unit:
             output = self.model.module(inputs)
         targets = resolve_targets(targets, output)
@@ -304,7 +305,7 @@ class CAM(CAMMethod):
         with self.engine.task(len(x)), torch.no_grad():
             for start, stop in self.engine.chunks(len(x)):
                 with capture(layers) as captured, capture(linears, inputs=True) as features:
-                    output = self.model.module(x[start:stop])
+                    output = self.model.module(model_layout(x[start:stop]))
                 self.engine.count(stop - start)
                 chunk_targets = resolve_targets(targets[start:stop], output)
                 (key,) = self._chosen(captured, layers, auto)

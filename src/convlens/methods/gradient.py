@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from convlens.baselines import make_baseline
+from convlens.engine import model_layout
 from convlens.hooks import BackwardRule, override_rectifiers, rules
 from convlens.methods.base import Method
 from convlens.registry import get_method, register
@@ -47,7 +48,7 @@ class GradientMethod(Method):
             if self.rule is not None:
                 stack.enter_context(override_rectifiers(type(self).rule))
             activations = stack.enter_context(self.capturing(targets))
-            inputs = x.detach().requires_grad_(True)
+            inputs = model_layout(x.detach()).requires_grad_(True)
             output = self.model.module(inputs)
             targets = resolve_targets(targets, output)
             scores = score_rows(targets, output, activations)
@@ -195,7 +196,7 @@ class IntegratedGradients(GradientMethod):
         baseline = make_baseline(self.params["baseline"], x)
         with self.engine.task(len(x) * self.params["steps"]):
             with torch.no_grad(), self.capturing(targets) as activations:
-                output = self.model.module(torch.cat([x, baseline]))
+                output = self.model.module(model_layout(torch.cat([x, baseline])))
             self.engine.count(2 * len(x))
             targets = resolve_targets(targets, output[: len(x)])
             end_scores = score_rows(targets + targets, output, activations).view(2, len(x))
@@ -246,7 +247,7 @@ class SmoothGrad(GradientMethod):
         if noise < 0:
             raise ValueError(f"noise must be non-negative, not {noise}")
         with torch.no_grad():
-            output = self.model.module(x)
+            output = self.model.module(model_layout(x))
         self.engine.count(len(x))
         targets = resolve_targets(targets, output)
         generator = self.generator()
