@@ -10,13 +10,11 @@ batch sizes 1 to 64. captum's LayerGradCam and GuidedGradCam run on the same wor
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import convlens as cl
 
-from .common import run_suite
+from .common import suite_main
 
 SETTINGS: dict = {}
 FLOORS = {name: "fwdbwd_b1" for name in cl.list_methods("cam")} | {
@@ -45,8 +43,4 @@ def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench cam")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    run_suite("cam", cl.list_methods("cam"), FLOORS, SETTINGS, oracles, args.repeats)
-    return 0
+    return suite_main(argv, "cam", FLOORS, SETTINGS, oracles, repeats=3)

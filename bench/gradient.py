@@ -10,13 +10,11 @@ batch sizes 1 to 64.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import convlens as cl
 
-from .common import run_suite
+from .common import suite_main
 
 STEPS = 50
 SETTINGS = {"integrated_gradients": {"steps": STEPS}, "smoothgrad": {"n_samples": STEPS}}
@@ -44,8 +42,4 @@ def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench gradient")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    run_suite("gradient", cl.list_methods("gradient"), FLOORS, SETTINGS, oracles, args.repeats)
-    return 0
+    return suite_main(argv, "gradient", FLOORS, SETTINGS, oracles, repeats=5)

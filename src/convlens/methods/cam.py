@@ -13,7 +13,9 @@ choices each paper makes are recorded in ``Explanation.params``.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "CAM",
     "AblationCAM",
     "CAMMethod",
+    "ChannelScoringCAM",
     "EigenCAM",
     "GradCAM",
     "GradCAMPlusPlus",
@@ -354,15 +357,52 @@ class CAM(CAMMethod):
         )
 
 
-def _probabilities(target: Target, output: Tensor, activations: Captured) -> Tensor:
-    """Score-CAM's score: softmax probability for classes (and contrasts), raw for units."""
-    if isinstance(target, (Class, Contrast)):
-        output = output.softmax(dim=-1)
-    return score_rows(target, output, activations)
+class ChannelScoringCAM(CAMMethod):
+    """A CAM whose channel weights come from one forward pass per channel (through the engine).
+
+    Subclasses define the perturbed inputs of a chunk of channels, how a forward pass is scored,
+    and how the scores become weights; the loop, batching and progress are shared.
+    """
+
+    batch_size = 32
+
+    @abstractmethod
+    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
+        """The perturbed inputs for channels ``start:stop`` of one input's ``features``."""
+
+    @abstractmethod
+    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
+        """One number per row of a perturbed batch's output."""
+
+    @abstractmethod
+    def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
+        """Channel weights from the perturbed scores and the clean input's score."""
+
+    def forward_context(self, layer: nn.Module, calls: int) -> AbstractContextManager[Any]:
+        """A context yielding the function that runs the model on a perturbed batch."""
+        return nullcontext(self.model.module)
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        activations, clean, targets, layer, calls = self.clean_forward(x, targets)
+        (features,) = activations
+        channels = features.shape[1]
+        maps = []
+        with self.engine.task(len(x) * channels), self.forward_context(layer, calls) as forward:
+            for i, target in enumerate(targets):
+                with self.capturing([target]) as unit:
+                    scores = self.engine.scores(
+                        channels,
+                        partial(self.inputs, x[i : i + 1], features[i]),
+                        partial(self.score, target, unit=unit),
+                        forward,
+                    )
+                weights = self.weights(scores, clean[i])
+                maps.append(weighted_sum(features[i : i + 1], weights[None]))
+        return self.finish([torch.cat(maps)], x.shape[-2:]), targets
 
 
 @register("scorecam", "cam")
-class ScoreCAM(CAMMethod):
+class ScoreCAM(ChannelScoringCAM):
     """Score-CAM: each activation map, as a mask on the input, is weighted by the score it keeps.
 
     Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
@@ -373,36 +413,24 @@ class ScoreCAM(CAMMethod):
     """
 
     description = "Score-CAM: channels weighted by the score of the masked input (Wang 2020)"
-    batch_size = 32
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        activations, _, targets, _, _ = self.clean_forward(x, targets)
-        (features,) = activations
-        channels = features.shape[1]
-        size = x.shape[-2:]
-        maps = []
-        with self.engine.task(len(x) * channels):
-            for i, target in enumerate(targets):
+    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
+        masks = upsample(features[start:stop], x.shape[-2:])
+        low = masks.amin(dim=(1, 2, 3), keepdim=True)
+        high = masks.amax(dim=(1, 2, 3), keepdim=True)
+        return x * _safe_divide(masks - low, high - low)
 
-                def masked(start: int, stop: int, i: int = i) -> Tensor:
-                    masks = upsample(features[i, start:stop], size)
-                    low = masks.amin(dim=(1, 2, 3), keepdim=True)
-                    high = masks.amax(dim=(1, 2, 3), keepdim=True)
-                    return x[i : i + 1] * _safe_divide(masks - low, high - low)
+    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
+        if isinstance(target, (Class, Contrast)):  # class probabilities, as in the paper
+            output = output.softmax(dim=-1)
+        return score_rows(target, output, unit)
 
-                with self.capturing([target]) as unit:
-                    weights = self.engine.scores(
-                        channels,
-                        masked,
-                        lambda out, target=target, unit=unit: _probabilities(target, out, unit),
-                        self.model.module,
-                    )
-                maps.append(weighted_sum(features[i : i + 1], weights[None]))
-        return self.finish([torch.cat(maps)], size), targets
+    def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
+        return scores
 
 
 @register("ablationcam", "cam")
-class AblationCAM(CAMMethod):
+class AblationCAM(ChannelScoringCAM):
     """Ablation-CAM: a channel's weight is the relative drop of the score when it is zeroed.
 
     Desai & Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep Convolutional Network
@@ -412,45 +440,37 @@ class AblationCAM(CAMMethod):
     """
 
     description = "Ablation-CAM: channels weighted by the score drop when removed (Desai 2020)"
-    batch_size = 32
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        activations, scores, targets, layer, calls = self.clean_forward(x, targets)
-        (features,) = activations
-        channels = features.shape[1]
-        current = torch.arange(0)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ablated = torch.arange(0)  # the channel each row of the current batch removes
 
-        def ablate(output: Tensor) -> Tensor:
-            output = output.clone()
-            output[torch.arange(len(current)), current] = 0
-            return output
+    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
+        self._ablated = torch.arange(start, stop, device=x.device)
+        return x.expand(stop - start, -1, -1, -1)
 
-        maps = []
-        with self.engine.task(len(x) * channels), edit_output(layer, ablate, calls) as editor:
+    def _ablate(self, output: Tensor) -> Tensor:
+        output = output.clone()
+        output[torch.arange(len(self._ablated)), self._ablated] = 0
+        return output
+
+    @contextmanager
+    def forward_context(self, layer: nn.Module, calls: int) -> Iterator[Any]:
+        with edit_output(layer, self._ablate, calls) as editor:
 
             def forward(batch: Tensor) -> Tensor:
                 editor.reset()
                 return self.model.module(batch)
 
-            for i, target in enumerate(targets):
-                if scores[i] == 0:
-                    raise ValueError("ablationcam divides by the target score, which is 0 here")
+            yield forward
 
-                def copies(start: int, stop: int, i: int = i) -> Tensor:
-                    nonlocal current
-                    current = torch.arange(start, stop, device=x.device)
-                    return x[i : i + 1].expand(stop - start, -1, -1, -1)
+    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
+        return score_rows(target, output, unit)
 
-                with self.capturing([target]) as unit:
-                    ablated = self.engine.scores(
-                        channels,
-                        copies,
-                        lambda out, target=target, unit=unit: score_rows(target, out, unit),
-                        forward,
-                    )
-                weights = (scores[i] - ablated) / scores[i]
-                maps.append(weighted_sum(features[i : i + 1], weights[None]))
-        return self.finish([torch.cat(maps)], x.shape[-2:]), targets
+    def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
+        if clean == 0:
+            raise ValueError("ablationcam divides by the target score, which is 0 here")
+        return (clean - scores) / clean
 
 
 @register("eigencam", "cam")
