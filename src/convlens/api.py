@@ -99,7 +99,7 @@ def explain(
         reduction=instance.reduction,
         extras=instance.extras,
         labels=[_label(wrapped, t) for t in resolved],
-        display=wrapped.to_display(inputs) if wrapped.mean is not None else None,
+        display=wrapped.to_display(inputs),
     )
 
 

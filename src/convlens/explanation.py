@@ -75,10 +75,7 @@ class Explanation:
     def _picture(self, i: int) -> np.ndarray:
         if self.display is not None:
             return self.display[i]
-        x = self.inputs[i : i + 1]
-        low, high = x.amin(), x.amax()
-        x = ((x - low) / (high - low).clamp(min=1e-12)).expand(-1, 3, -1, -1)[:, :3]
-        return (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        return viz.to_pictures(self.inputs[i : i + 1])[0]
 
     def overlay(self, i: int = 0, alpha: float = 0.8) -> Image.Image:
         """PIL image of input ``i`` with its heat map laid over it."""

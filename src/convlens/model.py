@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convlens import viz
 from convlens.images import ImageLike, to_rgb
 
 __all__ = ["Model", "as_model", "check_input", "load_model", "wrap"]
@@ -145,19 +146,7 @@ class Model:
 
     def to_display(self, x: Tensor) -> np.ndarray:
         """The batch as RGB pictures (B, H, W, 3) uint8, undoing the normalisation."""
-        x = x.detach().float().cpu()
-        if self.mean is not None and self.std is not None and x.shape[1] == len(self.mean):
-            x = x * torch.tensor(self.std).view(1, -1, 1, 1) + torch.tensor(self.mean).view(
-                1, -1, 1, 1
-            )
-        else:  # unknown normalisation: stretch each image to [0, 1]
-            low = x.amin(dim=(1, 2, 3), keepdim=True)
-            high = x.amax(dim=(1, 2, 3), keepdim=True)
-            x = (x - low) / (high - low).clamp(min=1e-12)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = x[:, :3]
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return viz.to_pictures(x, self.mean, self.std)
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, x: Any) -> Tensor:

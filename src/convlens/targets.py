@@ -53,8 +53,8 @@ class Target(ABC):
         return repr(self)
 
 
-def check_class(index: int, output: Tensor) -> None:
-    n_classes = output.shape[-1]
+def check_class(index: int, n_classes: int) -> None:
+    """Raise a clear error when ``index`` is not one of ``n_classes`` classes."""
     if not 0 <= index < n_classes:
         raise ValueError(
             f"target class {index} is out of range: the model has {n_classes} classes "
@@ -71,7 +71,7 @@ class Class(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         if not isinstance(self.index, int):
             raise TypeError(f"class {self.index!r} must be resolved to an index first")
-        check_class(self.index, output)
+        check_class(self.index, output.shape[-1])
         return output[:, self.index]
 
     def describe(self) -> Any:
@@ -99,8 +99,8 @@ class Contrast(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         if not isinstance(self.p, int) or not isinstance(self.q, int):
             raise TypeError("contrast classes must be resolved to indices first")
-        check_class(self.p, output)
-        check_class(self.q, output)
+        check_class(self.p, output.shape[-1])
+        check_class(self.q, output.shape[-1])
         return output[:, self.p] - output[:, self.q]
 
     def describe(self) -> Any:
@@ -261,7 +261,7 @@ def score_rows(
     if all(isinstance(t, Class) for t in targets):
         index = torch.tensor([t.index for t in targets], device=output.device)  # type: ignore[attr-defined]
         for t in targets:
-            check_class(t.index, output)  # type: ignore[attr-defined]
+            check_class(t.index, output.shape[-1])  # type: ignore[attr-defined]
         return output.gather(1, index[:, None])[:, 0]
     return torch.cat(
         [

@@ -8,10 +8,32 @@ import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np
+import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colorize", "grid", "normalize", "overlay"]
+__all__ = ["colorize", "grid", "normalize", "overlay", "to_pictures"]
+
+
+def to_pictures(
+    x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
+    """A (B, C, H, W) model-input batch as RGB pictures (B, H, W, 3) uint8.
+
+    Undoes the normalisation when ``mean`` and ``std`` are known; otherwise each image is
+    stretched to [0, 1]. One channel is shown as gray.
+    """
+    x = x.detach().float().cpu()
+    if mean is not None and std is not None and x.shape[1] == len(mean):
+        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    else:
+        low = x.amin(dim=(1, 2, 3), keepdim=True)
+        high = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - low) / (high - low).clamp(min=1e-12)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x[:, :3]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def normalize(heat: np.ndarray, percentile: float = 99.5) -> tuple[np.ndarray, bool]:

@@ -345,11 +345,11 @@ class CAM(CAMMethod):
     @staticmethod
     def _row_weights(target: Target, weights: Tensor) -> Tensor:
         if isinstance(target, Class):
-            check_class(target.index, weights.T)
+            check_class(target.index, len(weights))
             return weights[target.index]
         if isinstance(target, Contrast):
-            check_class(target.p, weights.T)
-            check_class(target.q, weights.T)
+            check_class(target.p, len(weights))
+            check_class(target.q, len(weights))
             return weights[target.p] - weights[target.q]
         raise ValueError(
             "cam explains classes (its weights are the classifier's); use gradcam for "
