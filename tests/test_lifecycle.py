@@ -19,6 +19,8 @@ FAST: dict[str, dict[str, Any]] = {
     "integrated_gradients": {"steps": 6},
     "smoothgrad": {"n_samples": 5},
     "cam": {"layer": "act2"},  # the layer the GAP head pools (the default conv2 is refused)
+    "occlusion": {"window": 3, "stride": 2},
+    "rise": {"n_masks": 12, "grid": 3},
 }
 
 

@@ -167,18 +167,22 @@ class Engine:
         make_inputs: Callable[[int, int], Tensor],
         score: Callable[[Tensor], Tensor],
         forward: Callable[[Tensor], Tensor],
+        on_chunk: Callable[[int, int, Tensor], None] | None = None,
     ) -> Tensor:
         """Scores of ``n`` inputs made chunk by chunk, without gradients, into one buffer.
 
         ``make_inputs(start, stop)`` builds the chunk, ``forward`` runs the model and ``score``
         reduces its output to one number per row. Image batches reach the model in
-        :func:`model_layout`.
+        :func:`model_layout`. ``on_chunk(start, stop, scores)``, if given, sees each chunk's
+        scores while its inputs still exist (RISE folds its masks into a running sum there).
         """
         out: Tensor | None = None
         with torch.no_grad():
             for start, stop in self.chunks(n):
                 values = score(forward(model_layout(make_inputs(start, stop))))
                 self.count(stop - start)
+                if on_chunk is not None:
+                    on_chunk(start, stop, values)
                 if out is None:
                     out = torch.empty(n, dtype=values.dtype, device=values.device)
                 out[start:stop] = values

@@ -32,6 +32,7 @@ __all__ = [
     "check_target_spec",
     "layer_key",
     "layer_of",
+    "probability_scores",
     "resolve_targets",
     "score_rows",
     "target_layers",
@@ -269,6 +270,17 @@ def score_rows(
             for i, t in enumerate(targets)
         ]
     )
+
+
+def probability_scores(
+    target: Target | Sequence[Target], output: Tensor, activations: dict[Any, Tensor] | None = None
+) -> Tensor:
+    """Scores on class probabilities (softmax of the logits) for class and contrast targets, as
+    RISE and Score-CAM define them; inner-unit targets keep their raw values."""
+    first = target if isinstance(target, Target) else target[0]
+    if isinstance(first, (Class, Contrast)):
+        output = output.softmax(dim=-1)
+    return score_rows(target, output, activations)
 
 
 def layer_key(layer: str | nn.Module | None) -> Any:

@@ -27,7 +27,15 @@ from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method
 from convlens.methods.gradient import GuidedBackprop
 from convlens.registry import register
-from convlens.targets import Class, Contrast, Target, check_class, resolve_targets, score_rows
+from convlens.targets import (
+    Class,
+    Contrast,
+    Target,
+    check_class,
+    probability_scores,
+    resolve_targets,
+    score_rows,
+)
 
 __all__ = [
     "CAM",
@@ -421,9 +429,7 @@ class ScoreCAM(ChannelScoringCAM):
         return x * _safe_divide(masks - low, high - low)
 
     def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
-        if isinstance(target, (Class, Contrast)):  # class probabilities, as in the paper
-            output = output.softmax(dim=-1)
-        return score_rows(target, output, unit)
+        return probability_scores(target, output, unit)
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
         return scores

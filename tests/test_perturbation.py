@@ -1,0 +1,130 @@
+"""Perturbation methods against captum and against their definitions."""
+
+from __future__ import annotations
+
+import captum.attr as ca
+import pytest
+import torch
+from conftest import tiny
+from torch import nn
+
+import convlens as cl
+from convlens.baselines import make_baseline
+from convlens.methods.perturbation import rise_masks, window_starts
+
+TARGETS = [0, 3, 1]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = expected.abs().max().item()
+    assert scale > 0, "the expected value is all zeros: the test would prove nothing"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+class SquareSum(nn.Module):
+    """Analytic model: class 0 scores the sum of the pixels inside a known square."""
+
+    def __init__(self, top: int = 2, left: int = 4, side: int = 3) -> None:
+        super().__init__()
+        self.box = (slice(top, top + side), slice(left, left + side))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inside = x[:, :, self.box[0], self.box[1]].sum(dim=(1, 2, 3))
+        return torch.stack([inside, torch.zeros_like(inside)], dim=1)
+
+
+@pytest.mark.parametrize(("window", "stride"), [(3, 2), (4, 4), (2, 1), (8, 8)])
+@pytest.mark.parametrize("baseline", ["zero", "mean", "tensor"])
+def test_occlusion_equals_captum(x, window, stride, baseline):
+    model = tiny()
+    spec = torch.full((1, 3, 8, 8), 0.25) if baseline == "tensor" else baseline
+    ours = cl.explain(
+        model, x, "occlusion", target=TARGETS, window=window, stride=stride, baseline=spec
+    )
+    theirs = ca.Occlusion(model).attribute(
+        x,
+        sliding_window_shapes=(3, window, window),
+        strides=(3, stride, stride),
+        baselines=make_baseline(spec, x),
+        target=TARGETS,
+    )
+    close(ours.attribution, theirs[:, :1])
+    n_windows = len(window_starts(8, window, stride)) ** 2
+    assert ours.forwards == 3 + 3 * n_windows
+
+
+def test_occlusion_finds_the_evidence_of_an_analytic_model():
+    x = torch.ones(1, 3, 8, 8)
+    e = cl.explain(SquareSum(), x, "occlusion", target=0, window=1, stride=1)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 2:5, 4:7] = 3.0  # removing one pixel (3 channels of 1) drops the sum by 3
+    close(e.attribution, expected)
+
+
+def test_occlusion_rejects_bad_windows(x):
+    with pytest.raises(ValueError, match="larger than the input"):
+        cl.explain(tiny(), x, "occlusion", window=9)
+    with pytest.raises(ValueError, match="stride must be a positive integer"):
+        cl.explain(tiny(), x, "occlusion", window=3, stride=0)
+
+
+def test_rise_masks_follow_the_paper():
+    generator = torch.Generator().manual_seed(0)
+    masks = rise_masks(generator, 500, grid=4, p=0.3, size=(16, 16))
+    assert masks.shape == (500, 1, 16, 16)
+    assert masks.min() >= 0 and masks.max() <= 1
+    assert abs(masks.mean().item() - 0.3) < 0.03  # E[M] = p
+    smooth = (masks > 0.01) & (masks < 0.99)
+    assert smooth.float().mean() > 0.2, "bilinear upsampling gives soft edges"
+    again = rise_masks(torch.Generator().manual_seed(0), 500, 4, 0.3, (16, 16))
+    chunked = torch.cat(
+        [
+            rise_masks(g := torch.Generator().manual_seed(0), 200, 4, 0.3, (16, 16)),
+            rise_masks(g, 300, 4, 0.3, (16, 16)),
+        ]
+    )
+    assert torch.equal(masks, again) and torch.equal(masks, chunked)
+
+
+def test_rise_is_the_mask_average_weighted_by_probability(x):
+    model = tiny()
+    n, grid, p, seed = 40, 3, 0.5, 7
+    ours = cl.explain(model, x, "rise", target=TARGETS, n_masks=n, grid=grid, p=p, seed=seed)
+    generator = torch.Generator().manual_seed(seed)  # the documented draw order
+    expected = []
+    for i, c in enumerate(TARGETS):
+        masks = rise_masks(generator, n, grid, p, (8, 8))
+        with torch.no_grad():
+            probability = model(x[i : i + 1] * masks).softmax(-1)[:, c]
+        expected.append((probability[:, None, None, None] * masks).sum(0) / (n * p))
+    close(ours.attribution, torch.stack(expected), rtol=1e-4)
+    assert ours.forwards == 3 + 3 * n
+
+
+def test_rise_concentrates_on_the_evidence():
+    """The class-0 logit grows with how much of the square the mask keeps (probability from
+    about 0.01 to 0.99), so RISE must rank the square above the rest of the image."""
+    x = torch.ones(1, 3, 8, 8)
+    square = SquareSum()
+
+    class Evidence(nn.Module):
+        def forward(self, v):
+            logit = (square(v)[:, :1] / 27 - 0.5) * 10  # 27 = the square's full sum
+            return torch.cat([logit, torch.zeros_like(logit)], dim=1)
+
+    e = cl.explain(Evidence(), x, "rise", target=0, n_masks=800, grid=4, seed=0)
+    heat = e.heatmap()[0]
+    # RISE carries a constant offset E[f] E[M] / p everywhere; the ranking is what must hold:
+    # the square's 9 pixels are the 9 highest.
+    top = set(heat.flatten().topk(9).indices.tolist())
+    assert top == {row * 8 + col for row in range(2, 5) for col in range(4, 7)}
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise"])
+def test_results_do_not_depend_on_batch_size(x, method):
+    params = {"occlusion": {"window": 3, "stride": 2}, "rise": {"n_masks": 50, "grid": 3}}
+    model = tiny()
+    one = cl.explain(model, x, method, batch_size=1, **params[method])
+    many = cl.explain(model, x, method, batch_size=64, **params[method])
+    close(many.attribution, one.attribution, rtol=1e-5)
+    assert one.forwards == many.forwards
