@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/convlens explain --samples --methods all --out demo-output
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/convlens explain --samples --methods all --out demo-output \
+		--param rise.n_masks=1000 --param lime.n_samples=300 --param kernel_shap.n_samples=300
 	@echo "open demo-output/index.html"
 
 test: $(STAMP)

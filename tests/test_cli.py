@@ -70,6 +70,27 @@ def test_explain_with_a_label_name_and_params(tmp_path, photo):
     assert entry["target"] == 281 and entry["params"]["steps"] == 4 and entry["forwards"] == 6
 
 
+@pytest.mark.slow
+def test_method_scoped_params_win_over_shared_ones(tmp_path, photo):
+    out = tmp_path / "out"
+    args = [
+        "explain",
+        str(photo),
+        "--methods",
+        "integrated_gradients,smoothgrad",
+        "--out",
+        str(out),
+        "--param",
+        "smoothgrad.n_samples=3",
+        "--param",
+        "steps=4",
+    ]
+    assert main(args) == 0
+    methods = json.loads((out / "results.json").read_text())["images"][0]["methods"]
+    assert methods["smoothgrad"]["params"]["n_samples"] == 3
+    assert methods["integrated_gradients"]["params"]["steps"] == 4
+
+
 def test_methods_lists_names_families_and_descriptions(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -89,6 +110,8 @@ def test_methods_lists_names_families_and_descriptions(capsys):
         (["--target", "tabbby"], "unknown label 'tabbby'"),
         (["--param", "steps"], "name=value"),
         (["--param", "window=3"], "no selected method takes"),
+        (["--param", "rise.n_masks=10"], "which is not selected"),
+        (["--param", "saliency.steps=3"], "takes no parameter 'steps'"),
     ],
 )
 def test_bad_requests_exit_non_zero_with_one_line(tmp_path, photo, capsys, args, message):

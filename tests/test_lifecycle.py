@@ -21,6 +21,8 @@ FAST: dict[str, dict[str, Any]] = {
     "cam": {"layer": "act2"},  # the layer the GAP head pools (the default conv2 is refused)
     "occlusion": {"window": 3, "stride": 2},
     "rise": {"n_masks": 12, "grid": 3},
+    "lime": {"n_samples": 30, "n_segments": 8},
+    "kernel_shap": {"n_samples": 30, "n_segments": 8},
 }
 
 

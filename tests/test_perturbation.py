@@ -128,3 +128,132 @@ def test_results_do_not_depend_on_batch_size(x, method):
     many = cl.explain(model, x, method, batch_size=64, **params[method])
     close(many.attribution, one.attribution, rtol=1e-5)
     assert one.forwards == many.forwards
+
+
+# -- LIME and KernelSHAP ---------------------------------------------------------------------
+
+BLOCKS = torch.arange(16).view(4, 4).repeat_interleave(2, 0).repeat_interleave(2, 1)  # 2x2 cells
+
+
+def linear_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+
+
+def superpixel_means(x: torch.Tensor) -> torch.Tensor:
+    fill = torch.empty_like(x)
+    for j in range(16):
+        inside = j == BLOCKS
+        fill[:, :, inside] = x[:, :, inside].mean(dim=2, keepdim=True)
+    return fill
+
+
+def true_linear_weights(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """For f linear in the input, hiding superpixel j changes f by Σ_{p in j} v_p (x_p - fill_p)."""
+    v = model[1].weight[target].view(3, 8, 8)
+    contribution = (v * (x[0] - superpixel_means(x)[0])).sum(0)
+    return torch.stack([contribution[j == BLOCKS].sum() for j in range(16)]).detach()
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_surrogates_recover_a_model_linear_in_its_superpixels(x, method):
+    model, image = linear_model(), x[:1]
+    extra = {"alpha": 0.0} if method == "lime" else {}
+    e = cl.explain(
+        model, image, method, target=2, segmentation=BLOCKS, n_samples=300, score="logit", **extra
+    )
+    weights = torch.tensor(e.extras["superpixels"][0]["weights"])
+    truth = true_linear_weights(model, image, 2)
+    assert (weights - truth).abs().max() < 1e-3, (weights - truth).abs().max()
+    torch.testing.assert_close(e.attribution[0, 0], truth[BLOCKS], rtol=0, atol=1e-3)
+    if method == "lime":
+        assert e.extras["superpixels"][0]["r2"] > 0.999999
+    else:  # efficiency: the Shapley values add up to f(x) - f(all hidden)
+        info = e.extras["superpixels"][0]
+        assert abs(weights.sum() - (info["prediction"] - info["base_value"])) < 1e-4
+
+
+def test_kernel_shap_agrees_with_captum_on_the_same_samples(x):
+    """captum fits a weighted least squares with weight 1e6 on the all-visible and all-hidden
+    samples; convlens imposes those two constraints exactly. Fed the same coalitions, the two
+    agree to the precision that 1e6 allows."""
+    model, image = tiny(), x[:1]
+    ours = cl.explain(model, image, "kernel_shap", target=3, segmentation=BLOCKS, n_samples=400)
+    info = ours.extras["superpixels"][0]
+    samples = info["samples"]
+
+    class SameSamples(ca.KernelShap):
+        def kernel_shap_perturb_generator(self, original_inp, **kwargs):
+            for row in samples:
+                yield row[None].long()
+
+    theirs = SameSamples(model).attribute(
+        image,
+        baselines=superpixel_means(image),
+        target=3,
+        feature_mask=BLOCKS[None, None],
+        n_samples=400,
+    )
+    close(ours.attribution, theirs[:, :1], rtol=1e-4)
+
+
+def test_lime_ranks_superpixels_like_the_lime_package(x):
+    from lime import lime_image
+    from scipy.stats import spearmanr
+
+    model, image = tiny(), x[1:2]
+    target = int(model(image).argmax())
+
+    def classifier(images):
+        batch = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return model(batch).softmax(-1).numpy()
+
+    reference = lime_image.LimeImageExplainer(random_state=0).explain_instance(
+        image[0].permute(1, 2, 0).double().numpy(),
+        classifier,
+        labels=(target,),
+        top_labels=None,
+        hide_color=None,
+        num_samples=2000,
+        segmentation_fn=lambda _: BLOCKS.numpy(),
+        batch_size=100,
+    )
+    theirs = dict(reference.local_exp[target])
+    ours = cl.explain(model, image, "lime", target=target, segmentation=BLOCKS, n_samples=2000)
+    weights = ours.extras["superpixels"][0]["weights"]
+    rho = spearmanr(weights, [theirs[j] for j in range(16)]).statistic
+    assert rho >= 0.9, rho
+
+
+def test_weighted_ridge_is_scikit_learns_estimator():
+    from sklearn.linear_model import Ridge
+
+    from convlens.methods.perturbation import weighted_ridge
+
+    generator = torch.Generator().manual_seed(0)
+    features = (torch.rand(200, 7, generator=generator) < 0.5).double()
+    targets = features @ torch.randn(7, generator=generator, dtype=torch.float64) + 0.3
+    targets += 0.1 * torch.randn(200, generator=generator, dtype=torch.float64)
+    weights = torch.rand(200, generator=generator, dtype=torch.float64)
+    coefficients, intercept, r2 = weighted_ridge(features, targets, weights, alpha=1.0)
+    reference = Ridge(alpha=1.0).fit(
+        features.numpy(), targets.numpy(), sample_weight=weights.numpy()
+    )
+    np_r2 = reference.score(features.numpy(), targets.numpy(), sample_weight=weights.numpy())
+    torch.testing.assert_close(coefficients, torch.tensor(reference.coef_), rtol=1e-8, atol=1e-10)
+    assert abs(float(intercept) - reference.intercept_) < 1e-8 and abs(float(r2) - np_r2) < 1e-8
+
+
+@pytest.mark.parametrize("segmentation", ["slic", "quickshift", "felzenszwalb"])
+def test_segmentations_of_a_photo(bundled, photos, segmentation):
+    from convlens.methods.perturbation import superpixels
+
+    picture = bundled.to_display(bundled.preprocess(photos["chelsea"]))[0]
+    labels = superpixels(picture, segmentation, 50)
+    assert labels.shape == (224, 224) and labels.min() == 0
+    assert 10 <= int(labels.max()) + 1 <= 400
+    with pytest.raises(ValueError, match="unknown segmentation"):
+        superpixels(picture, "watershed", 50)
+    with pytest.raises(ValueError, match="integers of shape"):
+        superpixels(picture, torch.zeros(5, 5, dtype=torch.long), 50)

@@ -48,23 +48,35 @@ def _parse_target(text: str | None) -> Any:
 
 
 def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``--param name=value`` pairs, given to each selected method that takes ``name``."""
+    """``--param name=value`` pairs, given to each selected method that takes ``name``;
+    ``--param method.name=value`` gives one method its own value."""
     from convlens.registry import get_method
 
     per_method: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    scoped: list[tuple[str, str, Any]] = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise UsageError(f"--param {item!r} must look like name=value")
+            raise UsageError(f"--param {item!r} must look like name=value or method.name=value")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        takers = [name for name in methods if key in get_method(name).defaults]
+        method, dot, name = key.rpartition(".")
+        if dot:
+            if method not in per_method:
+                raise UsageError(f"--param {item!r} names {method!r}, which is not selected")
+            if name not in get_method(method).defaults:
+                raise UsageError(f"method {method!r} takes no parameter {name!r}")
+            scoped.append((method, name, value))
+            continue
+        takers = [m for m in methods if name in get_method(m).defaults]
         if not takers:
-            raise UsageError(f"no selected method takes the parameter {key!r}")
-        for name in takers:
-            per_method[name][key] = value
+            raise UsageError(f"no selected method takes the parameter {name!r}")
+        for m in takers:
+            per_method[m][name] = value
+    for method, name, value in scoped:  # a method's own value wins over a shared one
+        per_method[method][name] = value
     return per_method
 
 
@@ -212,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a method parameter, e.g. steps=32 (given to every selected method that takes it)",
+        help="a method parameter: steps=32 (every selected method that takes it) or "
+        "rise.n_masks=1000 (one method)",
     )
     explain.set_defaults(run=_explain)
 

@@ -9,8 +9,10 @@ of the clean inputs (which also resolve ``Predicted()`` targets).
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,7 +22,18 @@ from convlens.methods.base import Method
 from convlens.registry import register
 from convlens.targets import Target, probability_scores, resolve_targets, score_rows
 
-__all__ = ["RISE", "Occlusion", "PerturbationMethod", "rise_masks", "window_starts"]
+__all__ = [
+    "LIME",
+    "RISE",
+    "KernelSHAP",
+    "Occlusion",
+    "PerturbationMethod",
+    "SurrogateMethod",
+    "rise_masks",
+    "superpixels",
+    "weighted_ridge",
+    "window_starts",
+]
 
 
 class PerturbationMethod(Method):
@@ -196,3 +209,215 @@ class RISE(PerturbationMethod):
                     )
                 maps.append((total / (n_masks * p))[None, None])
         return torch.cat(maps), targets
+
+
+def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tensor:
+    """Superpixel labels (H, W), numbered 0..M-1, of an RGB picture (H, W, 3) uint8.
+
+    ``segmentation`` is ``"slic"``, ``"quickshift"`` or ``"felzenszwalb"`` (scikit-image, with
+    LIME's settings for quickshift), or an integer label map of shape (H, W).
+    """
+    from skimage import segmentation as skseg
+
+    height, width = picture.shape[:2]
+    if isinstance(segmentation, str):
+        if segmentation == "slic":
+            labels = skseg.slic(picture, n_segments=n_segments, compactness=10, start_label=0)
+        elif segmentation == "quickshift":
+            labels = skseg.quickshift(picture, kernel_size=4, max_dist=200, ratio=0.2)
+        elif segmentation == "felzenszwalb":
+            labels = skseg.felzenszwalb(picture, scale=100, sigma=0.5, min_size=50)
+        else:
+            raise ValueError(
+                f"unknown segmentation {segmentation!r}; expected slic, quickshift, "
+                "felzenszwalb or an integer label map (H, W)"
+            )
+        labels = torch.as_tensor(np.asarray(labels))
+    else:
+        labels = torch.as_tensor(np.asarray(segmentation))
+        if labels.shape != (height, width) or labels.is_floating_point():
+            raise ValueError(
+                f"a segmentation map must be integers of shape {(height, width)}, not "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
+    return torch.unique(labels.long(), return_inverse=True)[1]
+
+
+class SurrogateMethod(PerturbationMethod):
+    """LIME and KernelSHAP: superpixels switched on and off, and a linear model of the scores.
+
+    They share the segmentation, the filling of hidden superpixels, the streamed masks and the
+    engine; they differ in how coalitions are sampled and how the linear model is fitted.
+    """
+
+    random = True
+    defaults: ClassVar[dict[str, Any]] = {
+        "segmentation": "slic",
+        "n_segments": 50,
+        "n_samples": 1000,
+        "baseline": "superpixel",
+        "score": "probability",
+    }
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
+        """Binary coalitions (n, m): which of the m superpixels each sample keeps."""
+
+    @abstractmethod
+    def fit(self, samples: Tensor, scores: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Per-superpixel weights (m,) and the fit's statistics."""
+
+    def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
+        if self.params["score"] == "probability":
+            return probability_scores(targets, output, unit)
+        if self.params["score"] == "logit":
+            return score_rows(targets, output, unit)
+        raise ValueError(f"score must be 'probability' or 'logit', not {self.params['score']!r}")
+
+    def _fill(self, x: Tensor, onehot: Tensor) -> Tensor:
+        """What hidden superpixels show: their own mean colour, or a baseline (C, H, W)."""
+        if isinstance(self.params["baseline"], str) and self.params["baseline"] == "superpixel":
+            flat = onehot.flatten(1)  # (m, HW)
+            means = (flat @ x.flatten(1).T) / flat.sum(dim=1, keepdim=True)  # (m, C)
+            return (means.T @ flat).view_as(x)
+        return make_baseline(self.params["baseline"], x[None])[0]
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        n_samples = self.params["n_samples"]
+        if not isinstance(n_samples, int) or n_samples < 3:
+            raise ValueError(f"n_samples must be an integer of at least 3, not {n_samples!r}")
+        pictures = self.model.to_display(x)
+        generator = self.generator()
+        maps, per_input = [], []
+        with self.engine.task(len(x) * n_samples):
+            _, targets = self.clean_scores(x, targets)
+            for i, target in enumerate(targets):
+                segments = superpixels(
+                    pictures[i], self.params["segmentation"], self.params["n_segments"]
+                ).to(x.device)
+                m = int(segments.max()) + 1
+                onehot = F.one_hot(segments, m).permute(2, 0, 1).to(x.dtype)  # (m, H, W)
+                fill = self._fill(x[i], onehot)
+                samples = self.sample(generator, n_samples, m).to(x.device)
+
+                def perturbed(
+                    start: int, stop: int, i: int = i, samples=samples, onehot=onehot, fill=fill
+                ) -> Tensor:
+                    keep = (samples[start:stop].to(x.dtype) @ onehot.flatten(1)).view(
+                        stop - start, 1, *x.shape[-2:]
+                    )
+                    return fill + keep * (x[i] - fill)
+
+                with self.capturing([target]) as unit:
+                    scores = self.engine.scores(
+                        n_samples,
+                        perturbed,
+                        lambda out, target=target, unit=unit: self.score(target, out, unit),
+                        self.model.module,
+                    )
+                weights, stats = self.fit(samples.to(scores.dtype), scores)
+                maps.append(weights[segments][None, None])
+                order = torch.argsort(weights, descending=True).tolist()
+                per_input.append(
+                    {
+                        "weights": weights.tolist(),
+                        "segments": segments.cpu(),
+                        "samples": samples.cpu(),
+                        "top_positive": [j for j in order if weights[j] > 0][:5],
+                        "top_negative": [j for j in reversed(order) if weights[j] < 0][:5],
+                        **stats,
+                    }
+                )
+        self.extras["superpixels"] = per_input
+        return torch.cat(maps), targets
+
+
+def weighted_ridge(
+    features: Tensor, targets: Tensor, weights: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients, intercept and weighted R² of ridge regression with an unpenalised
+    intercept (the same estimator as scikit-learn's ``Ridge(alpha).fit(X, y, sample_weight)``)."""
+    features, targets, weights = features.double(), targets.double(), weights.double()
+    total = weights.sum()
+    mean_x = (weights[:, None] * features).sum(0) / total
+    mean_y = (weights * targets).sum() / total
+    xc, yc = features - mean_x, targets - mean_y
+    gram = xc.T @ (weights[:, None] * xc) + alpha * torch.eye(features.shape[1], dtype=xc.dtype)
+    coefficients = torch.linalg.lstsq(gram, xc.T @ (weights * yc)).solution
+    intercept = mean_y - mean_x @ coefficients
+    residual = targets - features @ coefficients - intercept
+    r2 = 1 - (weights * residual**2).sum() / (weights * yc**2).sum().clamp(min=1e-300)
+    return coefficients, intercept, r2
+
+
+@register("lime", "perturbation")
+class LIME(SurrogateMethod):
+    """LIME: a weighted ridge regression of the scores on which superpixels are visible.
+
+    Ribeiro, Singh & Guestrin 2016, "Why Should I Trust You?: Explaining the Predictions of Any
+    Classifier", arXiv:1602.04938, with the choices of the authors' ``lime_image``: the first
+    sample keeps every superpixel, the others keep each with probability 1/2; hidden
+    superpixels show their mean colour; sample weight sqrt(exp(-d² / width²)) with d the cosine
+    distance to the all-visible sample and width ``kernel_width``; ridge ``alpha`` with an
+    intercept; the target's probability as the response. ``extras["superpixels"]`` keeps the
+    weights, the surrogate's weighted R², and the top positive and negative superpixels.
+    """
+
+    description = "local linear surrogate on superpixels (Ribeiro et al. 2016)"
+    defaults: ClassVar[dict[str, Any]] = {
+        **SurrogateMethod.defaults,
+        "kernel_width": 0.25,
+        "alpha": 1.0,
+    }
+
+    def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
+        samples = torch.rand(n, m, generator=generator) < 0.5
+        samples[0] = True
+        return samples
+
+    def fit(self, samples: Tensor, scores: Tensor) -> tuple[Tensor, dict[str, float]]:
+        visible = samples.sum(dim=1)
+        cosine = visible.sqrt() / samples.shape[1] ** 0.5  # cos(z, 1) for binary z
+        distance = 1 - cosine
+        kernel = torch.sqrt(torch.exp(-(distance**2) / self.params["kernel_width"] ** 2))
+        coefficients, intercept, r2 = weighted_ridge(samples, scores, kernel, self.params["alpha"])
+        return coefficients.to(scores.dtype), {"intercept": float(intercept), "r2": float(r2)}
+
+
+@register("kernel_shap", "perturbation")
+class KernelSHAP(SurrogateMethod):
+    """KernelSHAP: Shapley values of the superpixels from a kernel-weighted linear regression.
+
+    Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions",
+    arXiv:1705.07874. Coalition sizes s are drawn with probability ∝ (M - 1) / (s (M - s)) and
+    the coalition uniformly among those of that size, which makes the Shapley kernel's weights
+    uniform; the all-visible and all-hidden samples come first. The regression is solved under
+    the efficiency constraint Σ φ = f(x) - f(∅) with φ_0 = f(∅) (one variable eliminated).
+    The response is the target's logit by default.
+    """
+
+    description = "Shapley values of superpixels via the Shapley kernel (Lundberg & Lee 2017)"
+    defaults: ClassVar[dict[str, Any]] = {**SurrogateMethod.defaults, "score": "logit"}
+
+    def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
+        if m < 2:
+            raise ValueError("kernel_shap needs at least 2 superpixels")
+        sizes = torch.arange(1, m, dtype=torch.float64)
+        probability = (m - 1) / (sizes * (m - sizes))
+        drawn = torch.multinomial(probability, n - 2, replacement=True, generator=generator) + 1
+        samples = torch.zeros(n, m, dtype=torch.bool)
+        samples[0] = True
+        for row, size in enumerate(drawn.tolist(), start=2):
+            samples[row, torch.randperm(m, generator=generator)[:size]] = True
+        return samples
+
+    def fit(self, samples: Tensor, scores: Tensor) -> tuple[Tensor, dict[str, float]]:
+        full, empty = scores[0].double(), scores[1].double()
+        z, y = samples[2:].double(), scores[2:].double() - empty
+        total = full - empty
+        # φ_M = total - Σ_{j<M} φ_j:  y - z_M total = Σ_{j<M} (z_j - z_M) φ_j
+        design = z[:, :-1] - z[:, -1:]
+        response = y - z[:, -1] * total
+        head = torch.linalg.lstsq(design, response[:, None]).solution[:, 0]
+        phi = torch.cat([head, (total - head.sum())[None]])
+        return phi.to(scores.dtype), {"base_value": float(empty), "prediction": float(full)}
