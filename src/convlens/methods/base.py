@@ -20,7 +20,15 @@ from convlens.hooks import capture
 from convlens.model import Model
 from convlens.targets import Target, layer_key, target_layers
 
-__all__ = ["Method"]
+__all__ = ["Method", "positive_int"]
+
+
+def positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an integer of at least ``minimum``; a clear error naming it otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        need = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ValueError(f"{name} must be {need}, not {value!r}")
+    return value
 
 
 class Method(ABC):

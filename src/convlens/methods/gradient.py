@@ -18,7 +18,7 @@ from torch import Tensor
 from convlens.baselines import make_baseline
 from convlens.engine import model_layout
 from convlens.hooks import BackwardRule, override_rectifiers, rules
-from convlens.methods.base import Method
+from convlens.methods.base import Method, positive_int
 from convlens.registry import get_method, register
 from convlens.targets import Target, resolve_targets, score_rows
 
@@ -134,8 +134,7 @@ def integration_points(steps: int, integration: str) -> tuple[Tensor, Tensor]:
     ``riemann_left``/``right``/``middle``/``trapezoid``, or ``gausslegendre`` (Gauss-Legendre
     nodes on [0, 1]), the same rules and definitions as captum's ``IntegratedGradients``.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, not {steps!r}")
+    positive_int("steps", steps)
     if integration == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         alphas, weights = 0.5 * (nodes + 1), 0.5 * weights
@@ -242,8 +241,7 @@ class SmoothGrad(GradientMethod):
         base = self._base()
         self.reduction = base.reduction
         n_samples, noise = self.params["n_samples"], self.params["noise"]
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, not {n_samples!r}")
+        positive_int("n_samples", n_samples)
         if noise < 0:
             raise ValueError(f"noise must be non-negative, not {noise}")
         with torch.no_grad():

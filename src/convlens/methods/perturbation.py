@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.baselines import make_baseline
-from convlens.methods.base import Method
+from convlens.methods.base import Method, positive_int
 from convlens.registry import register
 from convlens.targets import Target, probability_scores, resolve_targets, score_rows
 
@@ -85,9 +85,8 @@ class Occlusion(PerturbationMethod):
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         window, stride = self.params["window"], self.params["stride"]
         height, width = x.shape[-2:]
-        for name, value in (("window", window), ("stride", stride)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        positive_int("window", window)
+        positive_int("stride", stride)
         if window > min(height, width):
             raise ValueError(f"window {window} is larger than the input ({height}x{width})")
         baseline = make_baseline(self.params["baseline"], x)
@@ -174,10 +173,8 @@ class RISE(PerturbationMethod):
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         n_masks, grid, p = self.params["n_masks"], self.params["grid"], self.params["p"]
-        if not isinstance(n_masks, int) or n_masks < 1:
-            raise ValueError(f"n_masks must be a positive integer, not {n_masks!r}")
-        if not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive integer, not {grid!r}")
+        positive_int("n_masks", n_masks)
+        positive_int("grid", grid)
         if not 0 < p <= 1:
             raise ValueError(f"p must be in (0, 1], not {p}")
         size = (x.shape[-2], x.shape[-1])
@@ -284,8 +281,7 @@ class SurrogateMethod(PerturbationMethod):
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         n_samples = self.params["n_samples"]
-        if not isinstance(n_samples, int) or n_samples < 3:
-            raise ValueError(f"n_samples must be an integer of at least 3, not {n_samples!r}")
+        positive_int("n_samples", n_samples, minimum=3)
         pictures = self.model.to_display(x)
         generator = self.generator()
         maps, per_input = [], []
