@@ -39,9 +39,9 @@ def explain(
         target: ``None`` (each input's predicted class), an int, a list of ints (one per
             input), a label name, or a ``convlens.targets`` object (``Contrast(p, q)``, ...).
         layer: the layer for methods that take one (name or module).
-        batch_size: most images per model call. The default is the method's own (32 for
-            Score-CAM and Ablation-CAM, 8 for gradient methods), at most 8 unless
-            ``convlens.engine.keep_freed_memory()`` is active (see there).
+        batch_size: most images per model call. The default is the method's own (16 for
+            perturbation methods, Score-CAM and Ablation-CAM; 8 for gradient methods), at most
+            8 unless ``convlens.engine.keep_freed_memory()`` is active (see there).
         seed: seed of random methods; the same seed gives the same result bit for bit.
         progress: ``True``/``False`` to force the progress bar on or off; ``None`` shows it for
             work longer than a second.

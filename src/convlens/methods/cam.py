@@ -372,7 +372,7 @@ class ChannelScoringCAM(CAMMethod):
     and how the scores become weights; the loop, batching and progress are shared.
     """
 
-    batch_size = 32
+    batch_size = 16
 
     @abstractmethod
     def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:

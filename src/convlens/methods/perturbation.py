@@ -39,7 +39,7 @@ __all__ = [
 class PerturbationMethod(Method):
     """A method that scores perturbed copies of each input through the engine."""
 
-    batch_size = 32
+    batch_size = 16
     reduction = "sum"
 
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
