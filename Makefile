@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/convlens explain --samples --methods all --out demo-output \
-		--param rise.n_masks=1000 --param lime.n_samples=300 --param kernel_shap.n_samples=300
+		--param rise.n_masks=1000 --param lime.n_samples=300 --param kernel_shap.n_samples=300 \
+		--param meaningful_perturbation.steps=150
 	@echo "open demo-output/index.html"
 
 test: $(STAMP)

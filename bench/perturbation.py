@@ -25,8 +25,12 @@ SETTINGS = {
     "rise": {"n_masks": 8000},
     "lime": {"n_samples": 1000, "segmentation": "quickshift"},
     "kernel_shap": {"n_samples": 1000, "segmentation": "quickshift"},
+    "meaningful_perturbation": {"steps": 300},
 }
-FLOORS = {name: "fwd_best" for name in cl.list_methods("perturbation")}
+# meaningful perturbation optimises one image: one forward+backward at batch 1 per step
+FLOORS = {name: "fwd_best" for name in cl.list_methods("perturbation")} | {
+    "meaningful_perturbation": "fwdbwd_b1"
+}
 
 
 def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:

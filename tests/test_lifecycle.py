@@ -23,6 +23,7 @@ FAST: dict[str, dict[str, Any]] = {
     "rise": {"n_masks": 12, "grid": 3},
     "lime": {"n_samples": 30, "n_segments": 8},
     "kernel_shap": {"n_samples": 30, "n_segments": 8},
+    "meaningful_perturbation": {"steps": 3, "mask_size": 4, "game": "preservation"},
 }
 
 

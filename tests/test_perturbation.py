@@ -257,3 +257,75 @@ def test_segmentations_of_a_photo(bundled, photos, segmentation):
         superpixels(picture, "watershed", 50)
     with pytest.raises(ValueError, match="integers of shape"):
         superpixels(picture, torch.zeros(5, 5, dtype=torch.long), 50)
+
+
+# -- meaningful perturbation -------------------------------------------------------------------
+
+
+class BrightSquare(nn.Module):
+    """Class 0's logit grows with the brightness of a 4x4 square (rows 6-9, columns 2-5)."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        inside = v[:, :, 6:10, 2:6].mean(dim=(1, 2, 3))
+        logit = (inside - 0.5) * 12
+        return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+
+SQUARE = {row * 16 + col for row in range(6, 10) for col in range(2, 6)}
+
+
+def bright_square_image() -> torch.Tensor:
+    x = torch.full((1, 3, 16, 16), 0.1)
+    x[:, :, 6:10, 2:6] = 1.0
+    return x
+
+
+@pytest.mark.parametrize(
+    ("game", "perturbation", "area"),
+    [
+        ("deletion", "constant", None),
+        ("preservation", "constant", None),
+        ("preservation", "blur", 0.0625),
+        ("preservation", "constant", 0.0625),
+    ],
+)
+def test_meaningful_perturbation_finds_the_evidence_square(game, perturbation, area):
+    e = cl.explain(
+        BrightSquare(),
+        bright_square_image(),
+        "meaningful_perturbation",
+        target=0,
+        game=game,
+        perturbation=perturbation,
+        area=area,
+        mask_size=8,
+        steps=300,
+        blur_sigma=3.0,
+    )
+    heat = e.heatmap()[0]
+    top = set(heat.flatten().topk(16).indices.tolist())  # as many pixels as the square has
+    assert len(top & SQUARE) >= 14, len(top & SQUARE)
+    if area is not None and perturbation == "blur":  # extremal mask of the square's own area
+        assert heat[6:10, 2:6].sum() / heat.sum() > 0.5
+    assert e.forwards == 1 + 300 and e.params["game"] == game
+
+
+def test_meaningful_perturbation_noise_follows_the_seed(x):
+    model = tiny()
+    kwargs = {"perturbation": "noise", "steps": 20, "mask_size": 4, "target": [1, 2, 3]}
+    a = cl.explain(model, x, "meaningful_perturbation", seed=1, **kwargs)
+    b = cl.explain(model, x, "meaningful_perturbation", seed=1, **kwargs)
+    c = cl.explain(model, x, "meaningful_perturbation", seed=2, **kwargs)
+    assert a.attribution.abs().sum() > 0
+    assert torch.equal(a.attribution, b.attribution) and a.params["seed"] == 1
+    assert not torch.equal(a.attribution, c.attribution)
+
+
+def test_meaningful_perturbation_refuses_bad_settings():
+    x = bright_square_image()
+    with pytest.raises(ValueError, match="game must be"):
+        cl.explain(BrightSquare(), x, "meaningful_perturbation", game="hide", steps=2)
+    with pytest.raises(ValueError, match="perturbation must be"):
+        cl.explain(BrightSquare(), x, "meaningful_perturbation", perturbation="ink", steps=2)
+    with pytest.raises(ValueError, match="area must be"):
+        cl.explain(BrightSquare(), x, "meaningful_perturbation", area=1.5, steps=2)
