@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/convlens explain --samples --methods all --out demo-output \
 		--param rise.n_masks=1000 --param lime.n_samples=300 --param kernel_shap.n_samples=300 \
-		--param meaningful_perturbation.steps=150
+		--param meaningful_perturbation.steps=150 \
+		--param anchors.n_segments=12 --param anchors.n_samples=2000
 	@echo "open demo-output/index.html"
 
 test: $(STAMP)

@@ -24,6 +24,14 @@ FAST: dict[str, dict[str, Any]] = {
     "lime": {"n_samples": 30, "n_segments": 8},
     "kernel_shap": {"n_samples": 30, "n_segments": 8},
     "meaningful_perturbation": {"steps": 3, "mask_size": 4, "game": "preservation"},
+    "anchors": {"n_segments": 8, "n_samples": 256, "batch": 16},
+}
+
+
+# Random methods whose answer cannot depend on the seed on this suite's tiny model, and why
+# (each is checked for seed dependence in its own test file instead).
+SEED_BLIND_HERE = {
+    "anchors": "every perturbation keeps the tiny CNN's class: each anchor has precision 1",
 }
 
 
@@ -143,9 +151,13 @@ def test_same_seed_same_result_bit_for_bit(method):
     a = cl.explain(model, x, method=method, seed=3, **fast(method))
     b = cl.explain(model, x, method=method, seed=3, **fast(method))
     assert torch.equal(a.attribution, b.attribution)
-    if cl.get_method(method).random:
+    if cl.get_method(method).random and method not in SEED_BLIND_HERE:
+        # another seed draws other samples: the map changes, or (for a discrete answer such as
+        # an anchor) at least the estimates recorded with it do
         c = cl.explain(model, x, method=method, seed=4, **fast(method))
-        assert not torch.equal(a.attribution, c.attribution)
+        assert not torch.equal(a.attribution, c.attribution) or (
+            a.summary()["extras"] != c.summary()["extras"]
+        )
 
 
 @pytest.mark.parametrize("method", cl.list_methods())

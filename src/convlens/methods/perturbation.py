@@ -30,6 +30,7 @@ __all__ = [
     "PerturbationMethod",
     "SurrogateMethod",
     "rise_masks",
+    "superpixel_fill",
     "superpixels",
     "weighted_ridge",
     "window_starts",
@@ -240,6 +241,16 @@ def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tens
     return torch.unique(labels.long(), return_inverse=True)[1]
 
 
+def superpixel_fill(x: Tensor, onehot: Tensor, baseline: Any) -> Tensor:
+    """What hidden superpixels of ``x`` (C, H, W) show: each its own mean colour
+    (``"superpixel"``), or a baseline (``"zero"``, ``"mean"``, ``"blur"``, a tensor)."""
+    if isinstance(baseline, str) and baseline == "superpixel":
+        flat = onehot.flatten(1)  # (m, HW)
+        means = (flat @ x.flatten(1).T) / flat.sum(dim=1, keepdim=True)  # (m, C)
+        return (means.T @ flat).view_as(x)
+    return make_baseline(baseline, x[None])[0]
+
+
 class SurrogateMethod(PerturbationMethod):
     """LIME and KernelSHAP: superpixels switched on and off, and a linear model of the scores.
 
@@ -271,14 +282,6 @@ class SurrogateMethod(PerturbationMethod):
             return score_rows(targets, output, unit)
         raise ValueError(f"score must be 'probability' or 'logit', not {self.params['score']!r}")
 
-    def _fill(self, x: Tensor, onehot: Tensor) -> Tensor:
-        """What hidden superpixels show: their own mean colour, or a baseline (C, H, W)."""
-        if isinstance(self.params["baseline"], str) and self.params["baseline"] == "superpixel":
-            flat = onehot.flatten(1)  # (m, HW)
-            means = (flat @ x.flatten(1).T) / flat.sum(dim=1, keepdim=True)  # (m, C)
-            return (means.T @ flat).view_as(x)
-        return make_baseline(self.params["baseline"], x[None])[0]
-
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         n_samples = self.params["n_samples"]
         positive_int("n_samples", n_samples, minimum=3)
@@ -293,7 +296,7 @@ class SurrogateMethod(PerturbationMethod):
                 ).to(x.device)
                 m = int(segments.max()) + 1
                 onehot = F.one_hot(segments, m).permute(2, 0, 1).to(x.dtype)  # (m, H, W)
-                fill = self._fill(x[i], onehot)
+                fill = superpixel_fill(x[i], onehot, self.params["baseline"])
                 samples = self.sample(generator, n_samples, m).to(x.device)
 
                 def perturbed(

@@ -1,0 +1,246 @@
+"""Anchors: a set of superpixels that, kept as they are, fixes the prediction with high precision.
+
+Ribeiro, Singh & Guestrin 2018, "Anchors: High-Precision Model-Agnostic Explanations", AAAI.
+The arm selection is KL-LUCB (Kaufmann & Kalyanakrishnan 2013, "Information Complexity in
+Bandit Subset Selection", COLT).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from convlens.methods.base import positive_int
+from convlens.methods.perturbation import PerturbationMethod, superpixel_fill, superpixels
+from convlens.registry import register
+from convlens.targets import Class, Target
+
+__all__ = ["Anchors", "kl_bounds"]
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    p, q = p.clamp(1e-12, 1 - 1e-12), q.clamp(1e-12, 1 - 1e-12)
+    return p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+
+
+def kl_bounds(mean: Tensor, count: Tensor, level: float) -> tuple[Tensor, Tensor]:
+    """Lower and upper confidence bounds q with count * KL(mean, q) <= level (bisection)."""
+    low, high = torch.zeros_like(mean), torch.ones_like(mean)
+    upper_lo, upper_hi = mean.clone(), high.clone()
+    lower_lo, lower_hi = low.clone(), mean.clone()
+    for _ in range(30):
+        middle = (upper_lo + upper_hi) / 2
+        inside = count * _kl(mean, middle) <= level
+        upper_lo, upper_hi = (
+            torch.where(inside, middle, upper_lo),
+            torch.where(inside, upper_hi, middle),
+        )
+        middle = (lower_lo + lower_hi) / 2
+        inside = count * _kl(mean, middle) <= level
+        lower_hi, lower_lo = (
+            torch.where(inside, middle, lower_hi),
+            torch.where(inside, lower_lo, middle),
+        )
+    return lower_hi, upper_lo
+
+
+@register("anchors", "perturbation")
+class Anchors(PerturbationMethod):
+    """Anchors for images: superpixels that keep the predicted class when the rest changes.
+
+    Ribeiro, Singh & Guestrin 2018, "Anchors: High-Precision Model-Agnostic Explanations". A
+    predicate says "superpixel j shows as in the image"; outside the anchor each superpixel is
+    kept with probability 1/2 and otherwise filled with its mean colour (``baseline``) or, when
+    ``other_images`` (N, C, H, W) are given, with the same pixels of a random one of them.
+    Precision = P(prediction = class | anchor), coverage = 2^-|anchor|. Beam search of width
+    ``beam`` adds one predicate per round; KL-LUCB (tolerance ``epsilon``, confidence ``delta``)
+    picks the best candidates, and the search stops at the candidate of highest coverage whose
+    precision's lower bound reaches ``threshold`` (the empty anchor is tried first: the
+    prediction may hold whatever is hidden). The map shows the anchor's superpixels (1);
+    ``extras["anchor"]`` gives them with precision, coverage and ``found`` (whether the
+    threshold was reached within ``n_samples``; if not, the most precise candidate is shown).
+    """
+
+    description = "high-precision superpixel rule keeping the prediction (Ribeiro et al. 2018)"
+    random = True
+    defaults: ClassVar[dict[str, Any]] = {
+        "segmentation": "slic",
+        "n_segments": 50,
+        "baseline": "superpixel",
+        "other_images": None,
+        "threshold": 0.95,
+        "beam": 2,
+        "epsilon": 0.1,
+        "delta": 0.05,
+        "batch": 64,
+        "max_size": 10,
+        "n_samples": 20000,
+    }
+
+    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+        params = self.params
+        batch = positive_int("batch", params["batch"])
+        budget = positive_int("n_samples", params["n_samples"])
+        pictures = self.model.to_display(x)
+        generator = self.generator()
+        maps, found = [], []
+        with self.engine.task(len(x) * budget):
+            _, targets = self.clean_scores(x, targets)
+            for i, target in enumerate(targets):
+                if not isinstance(target, Class):
+                    raise ValueError(
+                        "anchors explains a class (the prediction kept), not "
+                        f"{type(target).__name__}"
+                    )
+                segments = superpixels(pictures[i], params["segmentation"], params["n_segments"])
+                segments = segments.to(x.device)
+                m = int(segments.max()) + 1
+                onehot = F.one_hot(segments, m).permute(2, 0, 1).to(x.dtype)
+                fill = superpixel_fill(x[i], onehot, params["baseline"])
+                search = _Search(self, x[i], fill, onehot, target, generator, batch, budget)
+                anchor, precision, reached = search.run(m)
+                mask = (
+                    onehot[anchor].sum(0) if anchor else torch.zeros_like(segments, dtype=x.dtype)
+                )
+                maps.append(mask[None, None])
+                found.append(
+                    {
+                        "anchor": anchor,
+                        "precision": precision,
+                        "found": reached,
+                        "coverage": 0.5 ** len(anchor),
+                        "samples": search.used,
+                        "segments": segments.cpu(),
+                    }
+                )
+        self.extras["anchor"] = found
+        return torch.cat(maps), targets
+
+
+class _Search:
+    """Beam search with KL-LUCB over anchors for one input (Ribeiro et al. 2018, Alg. 2)."""
+
+    def __init__(
+        self,
+        method: Anchors,
+        x: Tensor,
+        fill: Tensor,
+        onehot: Tensor,
+        target: Class,
+        generator: torch.Generator,
+        batch: int,
+        budget: int,
+    ) -> None:
+        self.method, self.x, self.fill, self.onehot = method, x, fill, onehot
+        self.target, self.generator, self.batch, self.budget = target, generator, batch, budget
+        self.used = 0
+        self.stats: dict[tuple[int, ...], list[float]] = {}  # anchor -> [hits, count]
+        others = method.params["other_images"]
+        self.others = None if others is None else torch.as_tensor(others).to(x)
+
+    def pull(self, anchor: tuple[int, ...]) -> None:
+        """Draw ``batch`` samples satisfying ``anchor`` and count those predicted as the class."""
+        m = self.onehot.shape[0]
+        keep = torch.rand(self.batch, m, generator=self.generator) < 0.5
+        keep[:, list(anchor)] = True
+        keep = keep.to(self.x.device, self.x.dtype)
+        if self.others is not None:
+            pick = torch.randint(len(self.others), (self.batch,), generator=self.generator)
+            fills = self.others[pick.to(self.others.device)]
+        else:
+            fills = self.fill.expand(self.batch, -1, -1, -1)
+
+        def perturbed(start: int, stop: int) -> Tensor:
+            shown = (keep[start:stop] @ self.onehot.flatten(1)).view(
+                stop - start, 1, *self.x.shape[-2:]
+            )
+            return fills[start:stop] + shown * (self.x - fills[start:stop])
+
+        hits = self.method.engine.scores(
+            self.batch,
+            perturbed,
+            lambda out: (out.argmax(-1) == self.target.index).to(self.x.dtype),
+            self.method.model.module,
+        )
+        record = self.stats.setdefault(anchor, [0.0, 0.0])
+        record[0] += float(hits.sum())
+        record[1] += self.batch
+        self.used += self.batch
+
+    def bounds(self, anchors: list[tuple[int, ...]], level: float) -> tuple[Tensor, Tensor, Tensor]:
+        hits = torch.tensor([self.stats[a][0] for a in anchors], dtype=torch.float64)
+        count = torch.tensor([self.stats[a][1] for a in anchors], dtype=torch.float64)
+        mean = hits / count
+        low, high = kl_bounds(mean, count, level)
+        return mean, low, high
+
+    def best(self, candidates: list[tuple[int, ...]], keep: int) -> list[tuple[int, ...]]:
+        """KL-LUCB: the ``keep`` candidates of highest precision, to tolerance epsilon."""
+        epsilon, delta = self.method.params["epsilon"], self.method.params["delta"]
+        for anchor in candidates:
+            if anchor not in self.stats:
+                self.pull(anchor)
+        keep = min(keep, len(candidates))
+        if keep == len(candidates):
+            return candidates
+        for t in range(1, 10_000):
+            level = math.log(405.5 * len(candidates) * t**1.1 / delta)
+            mean, low, high = self.bounds(candidates, level)
+            order = torch.argsort(mean, descending=True).tolist()
+            top, rest = order[:keep], order[keep:]
+            weakest = min(top, key=lambda j: low[j])
+            strongest = max(rest, key=lambda j: high[j])
+            # Anchors of one size share their coverage, so a leader whose lower bound reaches the
+            # threshold ends the round: ranking the ties behind it would only cost samples. An
+            # undecided leader is sampled too, so that this can happen.
+            threshold, lead = self.method.params["threshold"], order[0]
+            decided = low[lead] >= threshold
+            if decided or high[strongest] - low[weakest] <= epsilon or self.used >= self.budget:
+                return [candidates[j] for j in top]
+            if high[lead] >= threshold and lead != weakest:
+                self.pull(candidates[lead])
+            self.pull(candidates[weakest])
+            self.pull(candidates[strongest])
+        return [candidates[j] for j in top]
+
+    def run(self, m: int) -> tuple[list[int], float, bool]:
+        params = self.method.params
+        threshold, delta = params["threshold"], params["delta"]
+        beam: list[tuple[int, ...]] = [()]
+        best: tuple[tuple[int, ...], float] | None = None
+        if self.confirm((), 1, threshold, delta):  # the prediction may hold without any anchor
+            return [], float(self.bounds([()], 1.0)[0][0]), True
+        for _ in range(min(params["max_size"], m)):
+            candidates = sorted(
+                {tuple(sorted({*a, j})) for a in beam for j in range(m) if j not in a}
+            )
+            if not candidates:
+                break
+            beam = self.best(candidates, params["beam"])
+            for anchor in beam:
+                if self.confirm(anchor, len(candidates), threshold, delta) and best is None:
+                    best = (anchor, float(self.bounds([anchor], 1.0)[0][0]))
+            if best is not None or self.used >= self.budget:
+                break
+        if best is None:  # no anchor reached the threshold: report the most precise one
+            mean, _, _ = self.bounds(beam, 1.0)
+            j = int(torch.argmax(mean))
+            return list(beam[j]), float(mean[j]), False
+        return list(best[0]), best[1], True
+
+    def confirm(self, anchor: tuple[int, ...], arms: int, threshold: float, delta: float) -> bool:
+        """Sample ``anchor`` until its precision bounds decide the threshold (or budget ends)."""
+        if anchor not in self.stats:
+            self.pull(anchor)
+        level = math.log(405.5 * arms / delta)
+        while True:
+            _, low, high = self.bounds([anchor], level)
+            if low[0] >= threshold:
+                return True
+            if high[0] < threshold or self.used >= self.budget:
+                return False
+            self.pull(anchor)
