@@ -11,11 +11,10 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.methods.base import positive_int
-from convlens.methods.perturbation import PerturbationMethod, superpixel_fill, superpixels
+from convlens.methods.perturbation import PerturbationMethod, prepare_superpixels
 from convlens.registry import register
 from convlens.targets import Class, Target
 
@@ -96,11 +95,8 @@ class Anchors(PerturbationMethod):
                         "anchors explains a class (the prediction kept), not "
                         f"{type(target).__name__}"
                     )
-                segments = superpixels(pictures[i], params["segmentation"], params["n_segments"])
-                segments = segments.to(x.device)
-                m = int(segments.max()) + 1
-                onehot = F.one_hot(segments, m).permute(2, 0, 1).to(x.dtype)
-                fill = superpixel_fill(x[i], onehot, params["baseline"])
+                segments, onehot, fill = prepare_superpixels(pictures[i], x[i], params)
+                m = len(onehot)
                 search = _Search(self, x[i], fill, onehot, target, generator, batch, budget)
                 anchor, precision, reached = search.run(m)
                 mask = (

@@ -29,6 +29,7 @@ __all__ = [
     "Occlusion",
     "PerturbationMethod",
     "SurrogateMethod",
+    "prepare_superpixels",
     "rise_masks",
     "superpixel_fill",
     "superpixels",
@@ -251,6 +252,16 @@ def superpixel_fill(x: Tensor, onehot: Tensor, baseline: Any) -> Tensor:
     return make_baseline(baseline, x[None])[0]
 
 
+def prepare_superpixels(
+    picture: np.ndarray, x: Tensor, params: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For one input: its superpixel labels (H, W), their one-hot masks (m, H, W) and what
+    hidden superpixels show (C, H, W), from ``segmentation``, ``n_segments`` and ``baseline``."""
+    segments = superpixels(picture, params["segmentation"], params["n_segments"]).to(x.device)
+    onehot = F.one_hot(segments, int(segments.max()) + 1).permute(2, 0, 1).to(x.dtype)
+    return segments, onehot, superpixel_fill(x, onehot, params["baseline"])
+
+
 class SurrogateMethod(PerturbationMethod):
     """LIME and KernelSHAP: superpixels switched on and off, and a linear model of the scores.
 
@@ -291,12 +302,8 @@ class SurrogateMethod(PerturbationMethod):
         with self.engine.task(len(x) * n_samples):
             _, targets = self.clean_scores(x, targets)
             for i, target in enumerate(targets):
-                segments = superpixels(
-                    pictures[i], self.params["segmentation"], self.params["n_segments"]
-                ).to(x.device)
-                m = int(segments.max()) + 1
-                onehot = F.one_hot(segments, m).permute(2, 0, 1).to(x.dtype)  # (m, H, W)
-                fill = superpixel_fill(x[i], onehot, self.params["baseline"])
+                segments, onehot, fill = prepare_superpixels(pictures[i], x[i], self.params)
+                m = len(onehot)
                 samples = self.sample(generator, n_samples, m).to(x.device)
 
                 def perturbed(
