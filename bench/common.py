@@ -59,17 +59,19 @@ class PeakMemory:
         return (self.peak - self.start) / 2**20
 
 
-def timed(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, float, Any]:
-    """Median seconds over ``repeats`` calls (after one warm-up), extra peak MB, last result."""
+def timed(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, Any]:
+    """Median seconds over ``repeats`` calls (after one warm-up) and the last result.
+
+    No memory sampling here: a sampling thread would compete for the two cores. Peak memory is
+    measured separately, in a fresh process (:func:`cold_peak_mb`).
+    """
     result = fn()  # warm-up: allocator, lazy initialisation
-    times, peaks = [], []
+    times = []
     for _ in range(repeats):
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            result = fn()
-            times.append(time.perf_counter() - start)
-        peaks.append(memory.extra_mb)
-    return statistics.median(times), max(peaks), result
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
 
 
 def timed_against(
@@ -115,7 +117,7 @@ def throughput(
     for batch_size in batch_sizes:
         x = image.expand(batch_size, -1, -1, -1).contiguous()
         repeats = max(3, 32 // batch_size)
-        seconds, _, _ = timed(lambda x=x: step(module, x), repeats=repeats)
+        seconds, _ = timed(lambda x=x: step(module, x), repeats=repeats)
         rates[batch_size] = batch_size / seconds
     return rates
 
@@ -224,7 +226,7 @@ def run_suite(
             )
             floor = explanation.forwards * pass_seconds
         else:
-            seconds, _, explanation = timed(ours, repeats)
+            seconds, explanation = timed(ours, repeats)
         theirs = timed(oracle[name], repeats)[0] if name in oracle else None
         memory = cold_peak_mb(suite, "convlens", name)
         their_memory = cold_peak_mb(suite, "captum", name) if name in oracle else None

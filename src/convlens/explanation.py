@@ -22,8 +22,6 @@ __all__ = ["REDUCTIONS", "Explanation"]
 REDUCTIONS = {
     "max_abs": lambda a: a.abs().amax(dim=1),  # Simonyan et al. 2014: max |g| over channels
     "sum": lambda a: a.sum(dim=1),  # signed evidence per pixel (additive methods)
-    "abs_sum": lambda a: a.abs().sum(dim=1),
-    "mean": lambda a: a.mean(dim=1),
 }
 
 

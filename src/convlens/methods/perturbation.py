@@ -133,26 +133,22 @@ def rise_masks(
     """``n`` RISE masks (n, 1, H, W): a ``grid`` x ``grid`` binary grid kept with probability
     ``p``, bilinearly upsampled to (grid + 1) cells and cropped at a random shift.
 
-    Each mask draws its grid, then its vertical and horizontal shift, from ``generator`` in that
-    order, one mask after another, so the masks do not depend on how they are chunked.
+    Each mask uses ``grid² + 2`` uniform numbers from ``generator`` (its cells, then its
+    vertical and horizontal shift), mask after mask, so the masks do not depend on how they
+    are chunked.
     """
     height, width = size
     cell_h, cell_w = math.ceil(height / grid), math.ceil(width / grid)
-    grids, shifts = [], []
-    for _ in range(n):
-        grids.append((torch.rand(grid, grid, generator=generator) < p).float())
-        dy = int(torch.randint(0, cell_h, (1,), generator=generator))
-        dx = int(torch.randint(0, cell_w, (1,), generator=generator))
-        shifts.append((dy, dx))
+    draws = torch.rand(n, grid * grid + 2, generator=generator)
+    cells = (draws[:, : grid * grid] < p).float().view(n, 1, grid, grid)
+    dy = (draws[:, -2] * cell_h).long().clamp(max=cell_h - 1)
+    dx = (draws[:, -1] * cell_w).long().clamp(max=cell_w - 1)
     big = F.interpolate(
-        torch.stack(grids)[:, None],
-        size=((grid + 1) * cell_h, (grid + 1) * cell_w),
-        mode="bilinear",
-        align_corners=False,
+        cells, size=((grid + 1) * cell_h, (grid + 1) * cell_w), mode="bilinear", align_corners=False
     )
-    return torch.stack(
-        [big[k, :, dy : dy + height, dx : dx + width] for k, (dy, dx) in enumerate(shifts)]
-    )
+    rows = (dy[:, None] + torch.arange(height))[:, :, None]  # (n, H, 1)
+    cols = (dx[:, None] + torch.arange(width))[:, None, :]  # (n, 1, W)
+    return big[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
 @register("rise", "perturbation")
@@ -411,10 +407,11 @@ class KernelSHAP(SurrogateMethod):
         sizes = torch.arange(1, m, dtype=torch.float64)
         probability = (m - 1) / (sizes * (m - sizes))
         drawn = torch.multinomial(probability, n - 2, replacement=True, generator=generator) + 1
+        # a uniform subset of each drawn size: the superpixels of the `size` smallest keys
+        ranks = torch.rand(n - 2, m, generator=generator).argsort(dim=1).argsort(dim=1)
         samples = torch.zeros(n, m, dtype=torch.bool)
         samples[0] = True
-        for row, size in enumerate(drawn.tolist(), start=2):
-            samples[row, torch.randperm(m, generator=generator)[:size]] = True
+        samples[2:] = ranks < drawn[:, None]
         return samples
 
     def fit(self, samples: Tensor, scores: Tensor) -> tuple[Tensor, dict[str, float]]:
