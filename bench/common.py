@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import convlens as cl
+from convlens.engine import freed_memory_kept
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -164,12 +165,10 @@ FLOORS = {
 def setup() -> tuple[Any, torch.Tensor, int]:
     """The bundled model, the chelsea photo preprocessed, and its predicted class.
 
-    Freed memory is kept for reuse (``keep_freed_memory``), as in the ``convlens`` command, so
-    that page faults do not dominate; floors are measured under the same setting.
+    The process keeps glibc's default allocator settings. ``convlens.explain`` keeps freed
+    memory for reuse during each call (``freed_memory_kept``); the floors are measured under
+    the same setting, and the oracles both ways (as their users run them, and the same way).
     """
-    from convlens.engine import keep_freed_memory
-
-    keep_freed_memory()
     warnings.filterwarnings("ignore", module="captum")
     torch.manual_seed(0)
     model = cl.load_model()
@@ -177,6 +176,16 @@ def setup() -> tuple[Any, torch.Tensor, int]:
     with torch.no_grad():
         target = int(model.module(x).argmax())
     return model, x, target
+
+
+def kept(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with freed memory kept for reuse, as ``convlens.explain`` runs its work."""
+
+    def run() -> Any:
+        with freed_memory_kept():
+            return fn()
+
+    return run
 
 
 def cold_peak_mb(suite: str, library: str, method: str) -> float:
@@ -198,16 +207,14 @@ def run_suite(
     model, x, target = setup()
     bare = copy.deepcopy(model.module).eval()
     frozen_parameters(bare)
-    from convlens.engine import keeping_freed_memory
-
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-        f"freed memory kept for reuse: {keeping_freed_memory()}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; floors measured with freed "
+        "memory kept for reuse, as convlens.explain runs"
     )
     kinds = {"fwdbwd": forward_backward, "fwd": forward}
     needed = {floor.split("_")[0] for floor in floors.values()}
-    before = {kind: throughput(kinds[kind], bare, x) for kind in needed}
+    before = {kind: kept(lambda k=kind: throughput(kinds[k], bare, x))() for kind in needed}
     oracle = oracles(model.module, x, target)
     measured = []
     for name in methods:
@@ -222,17 +229,25 @@ def run_suite(
         if basis == "b1":  # a few passes at batch 1: the floor is timed alternately with them
             step = kinds[kind]
             seconds, pass_seconds, explanation = timed_against(
-                ours, lambda step=step: step(bare, x), max(repeats, 9)
+                ours, kept(lambda step=step: step(bare, x)), max(repeats, 9)
             )
             floor = explanation.forwards * pass_seconds
         else:
             seconds, explanation = timed(ours, repeats)
-        theirs = timed(oracle[name], repeats)[0] if name in oracle else None
+        theirs = their_kept = None
+        if name in oracle:
+            theirs = timed(oracle[name], repeats)[0]
+            their_kept = timed(kept(oracle[name]), repeats)[0]
         memory = cold_peak_mb(suite, "convlens", name)
-        their_memory = cold_peak_mb(suite, "captum", name) if name in oracle else None
-        measured.append((name, seconds, memory, explanation, theirs, their_memory, floor))
+        their_memory = cold_peak_mb(suite, "oracle", name) if name in oracle else None
+        measured.append(
+            (name, seconds, memory, explanation, theirs, their_kept, their_memory, floor)
+        )
 
-    rates = {kind: best_of(before[kind], throughput(kinds[kind], bare, x)) for kind in needed}
+    rates = {
+        kind: best_of(before[kind], kept(lambda k=kind: throughput(kinds[k], bare, x))())
+        for kind in needed
+    }
     for kind, curve in rates.items():
         best = max(curve, key=curve.get)
         print(
@@ -241,7 +256,7 @@ def run_suite(
             + f"; best batch {best}"
         )
     rows = []
-    for name, seconds, memory, explanation, theirs, their_memory, floor in measured:
+    for name, seconds, memory, explanation, theirs, their_kept, their_memory, floor in measured:
         kind, _ = floors[name].split("_")
         if floor is None:
             floor = explanation.forwards / max(rates[kind].values())
@@ -257,18 +272,22 @@ def run_suite(
         }
         if theirs is not None:
             row |= {
-                "captum_s": theirs,
-                "captum_ratio": theirs / floor,
-                "captum_MB": their_memory,
-                "vs_captum": theirs / seconds,
+                "oracle_s": theirs,
+                "oracle_ratio": theirs / floor,
+                "oracle_MB": their_memory,
+                "vs_oracle": theirs / seconds,
+                "vs_oracle_kept": their_kept / seconds,
             }
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print()
     print(table(rows, columns))
     print(
-        "\nratio = median seconds / floor; vs_captum = captum seconds / convlens seconds; "
-        "peak_MB = extra resident memory at the peak of one cold call in a fresh process"
+        "\nratio = median seconds / floor. oracle = captum, or the lime package for lime. "
+        "vs_oracle = oracle seconds / convlens seconds, the oracle run as its users run it "
+        "(default allocator); vs_oracle_kept = the same with freed memory kept for reuse, as "
+        "convlens.explain runs. peak_MB = extra resident memory at the peak of one cold call "
+        "in a fresh process"
     )
     return rows
 

@@ -1,6 +1,6 @@
 """Extra peak memory of one cold call, in a fresh process.
 
-    python -m bench.memory SUITE {convlens,captum} METHOD
+    python -m bench.memory SUITE {convlens,oracle} METHOD
 
 In a long-running process freed memory stays resident, so a second call shows no growth; a fresh
 process whose model is loaded and warmed with one forward shows what the call itself needs.
@@ -24,7 +24,7 @@ def main() -> None:
     suite_name, library, method = sys.argv[1:4]
     suite = importlib.import_module(f"bench.{suite_name}")
     model, x, target = setup()
-    if library == "captum":
+    if library == "oracle":
         run = suite.oracles(model.module, x, target)[method]
     else:
 

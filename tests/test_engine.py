@@ -60,3 +60,29 @@ def test_keep_freed_memory_takes_effect_on_linux_glibc():
         assert keep_freed_memory() is True and keeping_freed_memory()
     else:
         assert keep_freed_memory() is False
+
+
+def test_freed_memory_is_kept_during_explain_only(monkeypatch):
+    import sys
+
+    import convlens as cl
+    from convlens import engine
+
+    monkeypatch.setitem(engine._KEPT, "active", False)  # as in a fresh process
+    seen = []
+    real = engine.default_batch_size
+    monkeypatch.setattr(
+        "convlens.api.default_batch_size",
+        lambda preferred: seen.append(engine.keeping_freed_memory()) or real(preferred),
+    )
+    e = cl.explain(tiny(), tiny_input(), "occlusion", window=4, stride=4, progress=False)
+    linux = sys.platform.startswith("linux")
+    assert seen == [linux]
+    assert e.params["batch_size"] == (16 if linux else 8)
+    assert not engine.keeping_freed_memory()
+    with engine.freed_memory_kept() as kept:
+        assert kept is linux and engine.keeping_freed_memory() is linux
+        with engine.freed_memory_kept() as inner:  # nested: still kept, left to the outer
+            assert inner is linux
+        assert engine.keeping_freed_memory() is linux
+    assert not engine.keeping_freed_memory()

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "Engine",
     "default_batch_size",
+    "freed_memory_kept",
     "keep_freed_memory",
     "keeping_freed_memory",
     "model_layout",
@@ -34,40 +35,72 @@ log = logging.getLogger(__name__)
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_KEPT = {"active": False}  # mirrors a process-wide allocator setting, which is global itself
+# mirrors the process-wide allocator setting, which is global itself
+_KEPT = {"active": False, "scoped": False}
+
+
+def _set_thresholds(mmap: int, trim: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        kept = libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1
+        return libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1 and kept
+    except (OSError, AttributeError):
+        return False
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
 
     A CNN forward pass allocates and frees tens of megabytes per layer. By default glibc maps
-    such blocks fresh from the kernel and unmaps them again, so every model call pays page
-    faults: on a 2-core machine the kernel's share of a perturbation run reached 60% and batch
-    32 ran at a third of its speed. With both thresholds raised to ``limit``, blocks up to that
-    size are recycled from the heap (measured: system time 9 s -> 0.3 s, Score-CAM 36 -> 120
-    images/s). The cost: freed memory stays resident in the process.
+    blocks over 32 MiB fresh from the kernel and unmaps them again, so every model call pays
+    page faults: on a 2-core machine the kernel's share of a perturbation run reached 60% and
+    batch 32 ran at a third of its speed. With both thresholds raised to ``limit``, blocks up to
+    that size are recycled from the heap (measured: system time 9 s -> 0.3 s, Score-CAM 36 ->
+    120 images/s). The cost: freed memory stays resident in the process.
 
-    This is process-wide, so the library never does it on its own: the ``convlens`` command and
-    the benchmarks call it at start-up; call it yourself in a script. Linux/glibc only; returns
-    whether it took effect.
+    This is process-wide and lasting; the ``convlens`` command calls it at start-up.
+    :func:`convlens.explain` does the same for the duration of one call only
+    (:func:`freed_memory_kept`). Linux/glibc only; returns whether it took effect.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        kept = libc.mallopt(_M_MMAP_THRESHOLD, limit) == 1
-        kept = libc.mallopt(_M_TRIM_THRESHOLD, limit) == 1 and kept
-    except (OSError, AttributeError):
-        return False
+    kept = _set_thresholds(limit, limit)
     _KEPT["active"] = _KEPT["active"] or kept
     if kept:
         log.info("glibc malloc keeps freed blocks up to %d bytes for reuse", limit)
     return kept
 
 
+@contextmanager
+def freed_memory_kept(limit: int = 1 << 30) -> Iterator[bool]:
+    """Keep freed memory for reuse (:func:`keep_freed_memory`) inside the block only.
+
+    On leaving, the thresholds go back to the values glibc's own adaptive rule reaches once a
+    32 MiB block has been freed (mmap 32 MiB, trim 64 MiB; any CNN forward frees such blocks),
+    and ``malloc_trim`` returns the memory kept meanwhile to the system. Does nothing where
+    :func:`keep_freed_memory` is already active or the platform is not Linux/glibc. Yields
+    whether freed memory is kept inside the block.
+    """
+    if _KEPT["active"] or _KEPT["scoped"]:
+        yield True
+        return
+    if not _set_thresholds(limit, limit):
+        yield False
+        return
+    _KEPT["scoped"] = True
+    try:
+        yield True
+    finally:
+        _KEPT["scoped"] = False
+        _set_thresholds(32 << 20, 64 << 20)
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def keeping_freed_memory() -> bool:
-    """Whether :func:`keep_freed_memory` took effect in this process."""
-    return _KEPT["active"]
+    """Whether freed memory is kept for reuse now (:func:`keep_freed_memory`, or inside
+    :func:`freed_memory_kept`)."""
+    return _KEPT["active"] or _KEPT["scoped"]
 
 
 def default_batch_size(preferred: int) -> int:
