@@ -91,6 +91,17 @@ def test_method_scoped_params_win_over_shared_ones(tmp_path, photo):
     assert methods["integrated_gradients"]["params"]["steps"] == 4
 
 
+@pytest.mark.slow
+def test_superpixel_methods_also_write_their_superpixel_picture(tmp_path, photo):
+    out = tmp_path / "out"
+    args = ["explain", str(photo), "--methods", "lime", "--out", str(out)]
+    assert main([*args, "--param", "n_samples=20", "--param", "n_segments=10"]) == 0
+    entry = json.loads((out / "results.json").read_text())["images"][0]["methods"]["lime"]
+    with Image.open(out / entry["superpixels"]) as picture:
+        assert picture.size == (224, 224)
+    assert entry["superpixels"] in (out / "index.html").read_text()
+
+
 def test_methods_lists_names_families_and_descriptions(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()

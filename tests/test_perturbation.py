@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import captum.attr as ca
+import numpy as np
 import pytest
 import torch
 from conftest import tiny
 from torch import nn
 
 import convlens as cl
+from convlens import viz
 from convlens.baselines import make_baseline
 from convlens.methods.perturbation import rise_masks, window_starts
 
@@ -171,6 +173,41 @@ def test_surrogates_recover_a_model_linear_in_its_superpixels(x, method):
     else:  # efficiency: the Shapley values add up to f(x) - f(all hidden)
         info = e.extras["superpixels"][0]
         assert abs(weights.sum() - (info["prediction"] - info["base_value"])) < 1e-4
+
+
+def test_lime_picture_shows_the_top_superpixels(x):
+    """Explanation.superpixels shows the k truly most positive superpixels in green and the k
+    most negative in red (the true weights of a model linear in its superpixels)."""
+    model, image = linear_model(), x[:1]
+    e = cl.explain(
+        model, image, "lime", target=2, segmentation=BLOCKS, n_samples=300, score="logit", alpha=0.0
+    )
+    truth = true_linear_weights(model, image, 2)
+    order = torch.argsort(truth, descending=True).tolist()
+    positive = [j for j in order if truth[j] > 0][:3]
+    negative = [j for j in reversed(order) if truth[j] < 0][:3]
+    assert len(positive) == 3 and len(negative) == 3
+    expected = viz.superpixel_picture(e._picture(0), BLOCKS, positive, negative)
+    assert np.array_equal(np.asarray(e.superpixels(k=3)), np.asarray(expected))
+    with pytest.raises(ValueError, match="no superpixels"):
+        cl.explain(model, image, "occlusion", window=2, stride=2).superpixels()
+
+
+def test_superpixel_picture_dims_all_but_the_chosen_superpixels():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    quadrants = torch.arange(4).view(2, 2).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    out = np.asarray(viz.superpixel_picture(image, quadrants, [0], [3])).astype(float)
+    img = image.astype(float)
+    np.testing.assert_allclose(out[:8, 8:], (0.3 * img[:8, 8:]).round())  # not chosen: dimmed
+    np.testing.assert_allclose(out[8:, :8], (0.3 * img[8:, :8]).round())
+    np.testing.assert_allclose(out[1:7, 1:7], img[1:7, 1:7])  # positive: as it is inside,
+    assert (out[0, :8] == viz.POSITIVE).all() and (out[:8, 7] == viz.POSITIVE).all()  # outlined
+    tinted = (0.65 * img[9:15, 9:15] + 0.35 * np.array(viz.NEGATIVE)).round()
+    np.testing.assert_allclose(out[9:15, 9:15], tinted)  # negative: tinted red, outlined
+    assert (out[15, 8:] == viz.NEGATIVE).all()
+    with pytest.raises(ValueError, match="differ in size"):
+        viz.superpixel_picture(image, quadrants[:8], [0])
 
 
 def test_kernel_shap_agrees_with_captum_on_the_same_samples(x):

@@ -106,9 +106,14 @@ def _index_html(results: list[dict[str, Any]], methods: Sequence[str]) -> str:
             if entry is None:
                 cells.append("<td>failed</td>")
                 continue
+            pictures = [entry["file"]] + ([entry["superpixels"]] if "superpixels" in entry else [])
+            images = "".join(
+                f'<img src="{html.escape(file)}" width="224" height="224" '
+                f'alt="{html.escape(name)}"><br>'
+                for file in pictures
+            )
             cells.append(
-                f'<td><img src="{html.escape(entry["file"])}" width="224" height="224" '
-                f'alt="{html.escape(name)}"><br>{html.escape(name)} '
+                f"<td>{images}{html.escape(name)} "
                 f"({entry['seconds']:.2f} s, {entry['forwards']} forwards)</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -174,7 +179,11 @@ def _explain(args: argparse.Namespace) -> int:
             filename = f"{stem}_{method}.png"
             explanation.save(out / filename)
             summary = explanation.summary()
-            result["methods"][method] = {
+            entry: dict[str, Any] = {}
+            if "superpixels" in explanation.extras or "anchor" in explanation.extras:
+                entry["superpixels"] = f"{stem}_{method}_superpixels.png"
+                explanation.superpixels().save(out / entry["superpixels"])
+            result["methods"][method] = entry | {
                 "file": filename,
                 "target": summary["targets"][0],
                 "label": summary["labels"][0],

@@ -81,6 +81,27 @@ class Explanation:
             raise IndexError(f"input {i} is out of range for {self.attribution.shape[0]} inputs")
         return viz.overlay(self._picture(i), self.heatmap()[i].numpy(), alpha=alpha)
 
+    def superpixels(self, i: int = 0, k: int = 5) -> Image.Image:
+        """Input ``i`` showing only its top-``k`` superpixels: for ``lime`` and
+        ``kernel_shap`` the ``k`` with the largest positive weights (green) and the ``k`` most
+        negative (red, as in Ribeiro et al. 2016); for ``anchors`` the anchor's superpixels."""
+        if not 0 <= i < self.attribution.shape[0]:
+            raise IndexError(f"input {i} is out of range for {self.attribution.shape[0]} inputs")
+        if "superpixels" in self.extras:
+            info = self.extras["superpixels"][i]
+            weights = torch.tensor(info["weights"])
+            order = torch.argsort(weights, descending=True).tolist()
+            positive = [j for j in order if weights[j] > 0][:k]
+            negative = [j for j in reversed(order) if weights[j] < 0][:k]
+        elif "anchor" in self.extras:
+            info = self.extras["anchor"][i]
+            positive, negative = list(info["anchor"]), []
+        else:
+            raise ValueError(
+                f"{self.method!r} has no superpixels to show; lime, kernel_shap and anchors do"
+            )
+        return viz.superpixel_picture(self._picture(i), info["segments"], positive, negative)
+
     def summary(self) -> dict[str, Any]:
         """JSON-friendly metadata (no tensors)."""
         return {
