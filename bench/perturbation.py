@@ -26,6 +26,8 @@ SETTINGS = {
     "lime": {"n_samples": 1000, "segmentation": "quickshift"},
     "kernel_shap": {"n_samples": 1000, "segmentation": "quickshift"},
     "meaningful_perturbation": {"steps": 300},
+    # anchors' search stops at its threshold or n_samples; the demo's settings keep it short
+    "anchors": {"n_segments": 12, "n_samples": 2000},
 }
 # meaningful perturbation optimises one image: one forward+backward at batch 1 per step
 FLOORS = {name: "fwd_best" for name in cl.list_methods("perturbation")} | {

@@ -7,7 +7,7 @@ Example:
     >>> e.overlay().save("guided.png")
 """
 
-from convlens import targets
+from convlens import datasets, metrics, targets
 from convlens.api import explain
 from convlens.explanation import Explanation
 from convlens.images import load_image, sample_images
@@ -19,11 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Explanation",
     "Model",
+    "datasets",
     "explain",
     "get_method",
     "list_methods",
     "load_image",
     "load_model",
+    "metrics",
     "register",
     "sample_images",
     "targets",

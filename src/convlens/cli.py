@@ -3,6 +3,8 @@
 convlens explain IMAGE... --methods saliency,guided_backprop --target 285 --out DIR
 convlens explain --samples --methods all --out demo-output
 convlens methods
+convlens evaluate --methods all --out evaluation
+convlens features class-model --target 281 --out features/
 """
 
 from __future__ import annotations
@@ -202,6 +204,124 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import convlens as cl
+    from convlens.datasets import shapes
+    from convlens.metrics.benchmark import evaluate_methods, markdown_table, model_accuracy
+
+    methods = _parse_methods(args.methods)
+    params = _parse_params(args.param, methods)
+    if args.images < 1 or args.sanity_images < 1:
+        raise UsageError("--images and --sanity-images must be positive")
+    model = cl.load_model(args.model)
+    if model.labels is None or tuple(model.labels) != cl.datasets.SHAPES:
+        raise UsageError(f"the benchmark needs a model of the shapes classes, not {model.name}")
+    data = shapes(args.images, size=model.input_size[0], seed=args.data_seed)
+    accuracy = model_accuracy(model, data)
+    print(
+        f"{model.name} on {args.images} shapes images (seed {args.data_seed}): "
+        f"accuracy {accuracy:.3f}",
+        file=sys.stderr,
+    )
+    rows = evaluate_methods(
+        model, data, methods, params, sanity_images=min(args.sanity_images, args.images),
+        seed=args.seed, batch_size=args.batch_size,
+        on_method=lambda name: print(f"  {name}", file=sys.stderr),
+    )  # fmt: skip
+    table = markdown_table(rows)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "model": model.name,
+        "images": args.images,
+        "data_seed": args.data_seed,
+        "accuracy": accuracy,
+        "rows": rows,
+    }
+    _write_atomic(out / "evaluation.json", json.dumps(document, indent=2).encode())
+    _write_atomic(out / "evaluation.md", (table + "\n").encode())
+    print(f"wrote {out}/evaluation.md and {out}/evaluation.json", file=sys.stderr)
+    return 0
+
+
+FEATURES = ("filters", "activations", "patches", "class-model", "dream", "embedding", "dissect")
+
+
+def _feature_images(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    """The images a features command works on (a model input batch) and their shapes data."""
+    import torch
+
+    import convlens as cl
+
+    if args.shapes:
+        from convlens.datasets import shapes
+        from convlens.metrics.benchmark import model_inputs
+
+        data = shapes(args.shapes, size=model.input_size[0], seed=args.seed)
+        return model_inputs(model, data), data
+    sources: list[Any] = [str(path) for path in args.images]
+    if args.samples:
+        sources += list(cl.sample_images().values())
+    if not sources:
+        raise UsageError("give image files, --samples or --shapes N")
+    return torch.cat([model.inputs(source) for source in sources]), None
+
+
+def _features(args: argparse.Namespace) -> int:
+    import torch
+
+    import convlens as cl
+    from convlens import features
+
+    model = cl.load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kind, layer = args.kind, args.layer
+    if kind == "filters":
+        result = features.filters(model, layer)
+    elif kind == "class-model":
+        if args.target is None:
+            raise UsageError("class-model needs --target (a class index or label name)")
+        result = features.class_model(
+            model, _parse_target(args.target), steps=args.steps or 256, seed=args.seed
+        )
+    else:
+        x, data = _feature_images(args, model)
+        if kind == "activations":
+            result = features.activations(model, x[:1], layer)
+        elif kind == "patches":
+            result = features.top_patches(model, x, layer, channel=args.channel, k=args.k)
+        elif kind == "dream":
+            result = features.deep_dream(
+                model, x[:1], layer, steps=args.steps or 10, seed=args.seed
+            )
+        elif kind == "embedding":
+            labels = data.labels if data is not None else None
+            result = features.tsne(model, x, labels=labels, layer=layer, seed=args.seed)
+            near = features.neighbours(model, x[:1], x, k=min(args.k, len(x)), layer=layer)
+            near.save(str(out / "neighbours.png"))
+        else:  # dissect
+            if args.concepts:
+                concepts = torch.load(args.concepts, map_location="cpu", weights_only=True)
+            elif data is not None:  # each shape's masks are one concept
+                concepts = {
+                    name: data.masks & (data.labels == c).view(-1, 1, 1)
+                    for c, name in enumerate(data.classes)
+                }
+            else:
+                raise UsageError(
+                    "dissect needs --concepts FILE.pt ({name: (N, H, W) masks}) or --shapes N"
+                )
+            result = features.dissect(model, x, concepts, layer)
+    picture = out / f"{kind}.png"
+    result.save(str(picture))
+    summary = {"kind": kind, "model": model.name, **result.info}
+    _write_atomic(out / f"{kind}.json", json.dumps(summary, indent=2, default=str).encode())
+    print(f"wrote {picture} and {out / (kind + '.json')}")
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from convlens.registry import get_method, list_methods
 
@@ -237,6 +357,40 @@ def build_parser() -> argparse.ArgumentParser:
         "rise.n_masks=1000 (one method)",
     )
     explain.set_defaults(run=_explain)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score methods on synthetic images with known answers"
+    )
+    evaluate.add_argument("--methods", default="all", help="NAME[,NAME...] or 'all'")
+    evaluate.add_argument("--model", default="shapes-cnn", help="a model of the shapes classes")
+    evaluate.add_argument("--images", type=int, default=16, help="number of test images")
+    evaluate.add_argument(
+        "--sanity-images", type=int, default=4, help="images for the randomisation check"
+    )
+    evaluate.add_argument("--data-seed", type=int, default=1000, help="seed of the test images")
+    evaluate.add_argument("--out", default="evaluation", help="output folder")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="images per model call")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of random methods")
+    evaluate.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="as for explain"
+    )
+    evaluate.set_defaults(run=_evaluate)
+
+    feats = commands.add_parser("features", help="what the network has learned (pictures)")
+    feats.add_argument("kind", choices=FEATURES)
+    feats.add_argument("images", nargs="*", help="image files")
+    feats.add_argument("--samples", action="store_true", help="also use the bundled photos")
+    feats.add_argument("--shapes", type=int, default=0, metavar="N", help="N synthetic shapes")
+    feats.add_argument("--model", help="bundled model name or checkpoint (default: bundled)")
+    feats.add_argument("--layer", help="layer name (default: the CAM layer or the first conv)")
+    feats.add_argument("--channel", type=int, default=0, help="unit of `patches`")
+    feats.add_argument("--k", type=int, default=9, help="patches or neighbours to show")
+    feats.add_argument("--target", help="class index or label name of `class-model`")
+    feats.add_argument("--steps", type=int, default=None, help="optimisation steps")
+    feats.add_argument("--concepts", help="a .pt file {name: (N, H, W) bool masks} for dissect")
+    feats.add_argument("--seed", type=int, default=0)
+    feats.add_argument("--out", default="convlens-features", help="output folder")
+    feats.set_defaults(run=_features)
 
     methods = commands.add_parser("methods", help="list the explanation methods")
     methods.add_argument("--family", help="only this family (gradient, cam, ...)")

@@ -240,7 +240,8 @@ CHECKPOINT_FORMAT = "convlens-checkpoint"
 
 
 def load_model(path: str | os.PathLike | None = None) -> Model:
-    """The bundled ImageNet EfficientNet-Lite0 (offline), or a checkpoint from ``convlens train``.
+    """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
+    (``"efficientnet-lite0"``, ``"shapes-cnn"``), or a checkpoint from ``convlens train``.
 
     Checkpoints are read with ``torch.load(..., weights_only=True)``: no code is run.
     """
@@ -248,9 +249,13 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
 
     if path is None:
         return zoo.efficientnet_lite0()
+    if isinstance(path, str) and path in zoo.ZOO and not Path(path).exists():
+        return zoo.ZOO[path]()
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (bundled models: {', '.join(zoo.ZOO)})"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

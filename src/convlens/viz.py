@@ -12,7 +12,15 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colorize", "grid", "normalize", "overlay", "superpixel_picture", "to_pictures"]
+__all__ = [
+    "colorize",
+    "curve_plot",
+    "grid",
+    "normalize",
+    "overlay",
+    "superpixel_picture",
+    "to_pictures",
+]
 
 
 def to_pictures(
@@ -142,3 +150,38 @@ def grid(
         thumb.thumbnail((cell, cell))
         sheet.paste(thumb, (x, y + title_height))
     return sheet
+
+
+def figure_image(figure) -> Image.Image:
+    """A matplotlib figure as a PIL image (the figure is closed)."""
+    import io
+
+    from matplotlib import pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def curve_plot(
+    x: Sequence[float] | torch.Tensor | np.ndarray,
+    series: dict[str, Sequence[float] | torch.Tensor | np.ndarray],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Image.Image:
+    """Line plot of named series over ``x``, as a PIL image."""
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.5, 3.2))
+    for name, values in series.items():
+        axes.plot(np.asarray(x, dtype=float), np.asarray(values, dtype=float), label=name)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    if 1 < len(series) <= 10:
+        axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    return figure_image(figure)

@@ -17,7 +17,14 @@ from torch import nn
 
 from convlens.model import Model
 
-__all__ = ["efficientnet_lite0", "from_checkpoint", "imagenet_labels"]
+__all__ = [
+    "ZOO",
+    "ShapesCNN",
+    "efficientnet_lite0",
+    "from_checkpoint",
+    "imagenet_labels",
+    "shapes_cnn",
+]
 
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
@@ -82,3 +89,62 @@ def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
         crop=float(checkpoint.get("crop", 0.875)),
         name=checkpoint.get("name", checkpoint.get("arch", "efficientnet-lite0")),
     )
+
+
+class ShapesCNN(nn.Module):
+    """A small CNN for ``cl.datasets.shapes``: four 3x3 convolutions with ReLU (max pooling
+    after the first two), global average pooling and one linear layer, the structure CAM
+    needs (Zhou et al. 2016). About 61k parameters."""
+
+    def __init__(self, n_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(64, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+SHAPES_MEAN = (0.5, 0.5, 0.5)
+SHAPES_STD = (0.25, 0.25, 0.25)
+SHAPES_WEIGHTS = "data/shapes_cnn.pt"
+
+
+def shapes_model(module: nn.Module) -> Model:
+    """A :class:`Model` around a :class:`ShapesCNN` with the shapes preprocessing."""
+    from convlens.datasets import SHAPES
+
+    return Model(
+        module,
+        input_size=(64, 64),
+        mean=SHAPES_MEAN,
+        std=SHAPES_STD,
+        labels=SHAPES,
+        cam_layer="features.9",
+        crop=1.0,
+        name="shapes-cnn",
+    )
+
+
+def shapes_cnn() -> Model:
+    """The bundled :class:`ShapesCNN` trained on ``cl.datasets.shapes`` by
+    ``scripts/train_shapes.py`` (its seed and accuracy are in ``data/shapes_cnn.json``)."""
+    module = ShapesCNN()
+    with resources.as_file(resources.files("convlens").joinpath(SHAPES_WEIGHTS)) as path:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return shapes_model(module)
+
+
+# bundled models by name, for ``cl.load_model(name)`` and ``--model``
+ZOO = {"efficientnet-lite0": efficientnet_lite0, "shapes-cnn": shapes_cnn}

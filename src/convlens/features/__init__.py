@@ -1,0 +1,29 @@
+"""Indirect explanations: what the network has learned (``cl.features``).
+
+Each function returns a :class:`Features` record with ``data`` (tensors) and ``image`` (a
+picture): :func:`filters`, :func:`activations`, :func:`top_patches` (with
+:func:`receptive_field`), :func:`class_model`, :func:`deep_dream`, :func:`embed`,
+:func:`neighbours`, :func:`tsne` and :func:`dissect`.
+"""
+
+from convlens.features.common import Features
+from convlens.features.dissect import dissect
+from convlens.features.embedding import embed, neighbours, tsne
+from convlens.features.maps import activations, filters
+from convlens.features.patches import ReceptiveField, receptive_field, top_patches
+from convlens.features.synthesis import class_model, deep_dream
+
+__all__ = [
+    "Features",
+    "ReceptiveField",
+    "activations",
+    "class_model",
+    "deep_dream",
+    "dissect",
+    "embed",
+    "filters",
+    "neighbours",
+    "receptive_field",
+    "top_patches",
+    "tsne",
+]

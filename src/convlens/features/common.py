@@ -1,0 +1,91 @@
+"""The record every feature visualisation returns, and the layer plumbing they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from convlens.engine import Engine, default_batch_size, freed_memory_kept
+from convlens.hooks import capture, frozen
+from convlens.model import Model, as_model
+
+__all__ = ["Features", "gray_tiles", "layer_outputs", "resolve_layer"]
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a ``cl.features`` function found.
+
+    Attributes:
+        name: the function (``"filters"``, ``"class_model"``, ...).
+        data: the tensors (see each function); ``data["image"]`` for the synthesised images
+            ``class_model`` and ``deep_dream``, (1, 3, H, W) in the model's input space.
+        image: a picture for people.
+        info: JSON-friendly facts (layer, shapes, scores, ...).
+    """
+
+    name: str
+    data: dict[str, Any]
+    image: Image.Image
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        self.image.save(path)
+
+
+def resolve_layer(model: Model, layer: str | nn.Module | None, default: str = "conv") -> str:
+    """A layer name: the given one (checked), else the model's CAM layer or its last Conv2d
+    (``default="conv"``), or its first Conv2d (``default="first"``)."""
+    if layer is not None:
+        module = model.layer(layer)
+        return layer if isinstance(layer, str) else model.layer_name(module)
+    convs = [n for n, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no nn.Conv2d layer; give layer=...")
+    if default == "first":
+        return convs[0]
+    return model.cam_layer if isinstance(model.cam_layer, str) else convs[-1]
+
+
+def layer_outputs(
+    model: Model | nn.Module,
+    x: Tensor,
+    layer: str,
+    batch_size: int | None = None,
+    inputs: bool = False,
+    progress: bool | None = None,
+) -> Tensor:
+    """The output (or input) of ``layer`` for every image of ``x``, in batches, no gradients."""
+    wrapped = as_model(model)
+    module = wrapped.layer(layer)
+    chunks = []
+    with freed_memory_kept(), frozen(wrapped.module):
+        engine = Engine(batch_size or default_batch_size(16), progress, f"layer {layer}")
+        with engine.task(len(x)), torch.no_grad(), capture({0: module}, inputs=inputs) as seen:
+            for start, stop in engine.chunks(len(x)):
+                wrapped.module(x[start:stop])
+                engine.count(stop - start)
+                chunks.append(seen[0].detach().float().cpu())
+    return torch.cat(chunks)
+
+
+def gray_tiles(
+    maps: Tensor, columns: int, cell: int, titles: list[str] | None = None
+) -> Image.Image:
+    """(N, h, w) maps as a grid of grayscale tiles, each scaled to its own range."""
+    from convlens import viz
+
+    tiles = []
+    for m in maps:
+        m = m.float()
+        span = (m.max() - m.min()).clamp(min=1e-12)
+        gray = ((m - m.min()) / span * 255).round().byte().numpy()
+        tiles.append(
+            Image.fromarray(np.asarray(gray)).convert("RGB").resize((cell, cell), Image.NEAREST)
+        )
+    return viz.grid(tiles, titles, columns=columns, cell=cell, padding=2)

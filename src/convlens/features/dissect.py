@@ -1,0 +1,91 @@
+"""Network dissection: Bau, Zhou, Khosla, Oliva & Torralba 2017, "Network Dissection:
+Quantifying Interpretability of Deep Visual Representations" (CVPR), section 2.2.
+
+For each unit k of a layer, T_k is the activation exceeded with probability ``quantile``
+(0.005) over all images and places; its maps, upsampled bilinearly to the masks' size and
+thresholded at T_k, are compared with each concept's masks by
+IoU_{k,c} = sum |M_k ∩ L_c| / sum |M_k ∪ L_c| over the data set. A unit is a detector of the
+concept with the largest IoU. Concepts come from the user as masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convlens import viz
+from convlens.features.common import Features, layer_outputs, resolve_layer
+from convlens.model import Model, as_model
+
+__all__ = ["dissect"]
+
+
+def dissect(
+    model: Model | nn.Module,
+    images: Any,
+    concept_masks: Mapping[str, Any],
+    layer: str | nn.Module | None = None,
+    quantile: float = 0.005,
+    batch_size: int | None = None,
+) -> Features:
+    """Dissect ``layer`` on ``images`` against ``concept_masks`` ({name: (N, H, W) bool}).
+
+    ``data``: ``thresholds`` (K,), ``iou`` (K, C), ``best_concept`` (K,) indices into
+    ``info["concepts"]``, ``best_iou`` (K,). The picture ranks the units by their best IoU.
+    """
+    wrapped = as_model(model)
+    x = wrapped.inputs(images)
+    if not concept_masks:
+        raise ValueError("give at least one concept: {name: masks (N, H, W)}")
+    names = list(concept_masks)
+    masks = torch.stack([torch.as_tensor(concept_masks[n]).bool() for n in names], dim=1)
+    if masks.dim() != 4 or masks.shape[0] != len(x):
+        raise ValueError(
+            f"each concept needs masks of shape (N, H, W) for the {len(x)} images, got "
+            f"{tuple(masks.shape)}"
+        )
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), not {quantile}")
+    name = resolve_layer(wrapped, layer)
+    maps = layer_outputs(wrapped, x, name, batch_size)
+    if maps.dim() != 4:
+        raise ValueError(f"layer {name!r} gives {tuple(maps.shape)}, not (N, K, h, w) maps")
+    n_units = maps.shape[1]
+    values = maps.transpose(0, 1).reshape(n_units, -1)
+    rank = max(1, values.shape[1] - round(quantile * values.shape[1]))  # P(a > T) = quantile
+    thresholds = values.kthvalue(rank, dim=1).values
+    intersection = torch.zeros(n_units, len(names), dtype=torch.float64)
+    union = torch.zeros(n_units, len(names), dtype=torch.float64)
+    size = masks.shape[-2:]
+    for start in range(0, len(x), 16):
+        chunk = maps[start : start + 16]
+        upsampled = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
+        active = (upsampled > thresholds.view(1, -1, 1, 1)).flatten(2).double()  # (b, K, HW)
+        concept = masks[start : start + 16].flatten(2).double()  # (b, C, HW)
+        both = torch.einsum("bkp,bcp->kc", active, concept)
+        intersection += both
+        union += active.sum(dim=(0, 2))[:, None] + concept.sum(dim=(0, 2))[None, :] - both
+    iou = intersection / union.clamp(min=1)
+    best_iou, best = iou.max(dim=1)
+    picture = _ranking(best_iou, best, names, name)
+    data = {"thresholds": thresholds, "iou": iou, "best_concept": best, "best_iou": best_iou}
+    info = {"layer": name, "concepts": names, "units": n_units, "quantile": quantile}
+    return Features("dissect", data, picture, info)
+
+
+def _ranking(best_iou: Tensor, best: Tensor, names: list[str], layer: str, top: int = 20) -> Any:
+    from matplotlib import pyplot as plt
+
+    order = torch.argsort(best_iou, descending=True)[:top]
+    figure, axes = plt.subplots(figsize=(7, 0.3 * len(order) + 1))
+    labels = [f"unit {int(k)}: {names[int(best[k])]}" for k in order]
+    axes.barh(range(len(order)), best_iou[order].numpy())
+    axes.set_yticks(range(len(order)), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("IoU with the best concept")
+    axes.set_title(f"network dissection of {layer}", fontsize=10)
+    return viz.figure_image(figure)
