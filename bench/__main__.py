@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SUITES = ("gradient", "cam", "perturbation", "features")
+SUITES = ("gradient", "cam", "perturbation", "relevance", "features")
 
 
 def main() -> int:

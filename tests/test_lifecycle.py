@@ -174,3 +174,53 @@ def test_every_method_has_a_paper_and_description():
             and cls.__doc__
             and any(str(year) in cls.__doc__ for year in range(2009, 2030))
         ), name
+
+
+# -- metrics and features leave the model as they found it too ---------------------------------
+
+
+def _masks(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "left": torch.zeros(len(x), 8, 8, dtype=torch.bool).index_fill_(2, torch.arange(4), True)
+    }
+
+
+HEAT = torch.rand(6, 8, 8, generator=torch.Generator().manual_seed(0))
+USERS_OF_THE_MODEL = {
+    "deletion": lambda m, x: cl.metrics.deletion(m, x, HEAT, steps=4),
+    "insertion": lambda m, x: cl.metrics.insertion(m, x, HEAT, steps=4),
+    "region_perturbation": lambda m, x: cl.metrics.region_perturbation(m, x, HEAT, patch=4),
+    "sanity": lambda m, x: cl.metrics.sanity(m, x[:2], "saliency"),
+    "activations": lambda m, x: cl.features.activations(m, x[:1], "conv1"),
+    "top_patches": lambda m, x: cl.features.top_patches(m, x, "conv1", channel=1, k=2),
+    "receptive_field": lambda m, x: cl.features.receptive_field(m, "conv1", (8, 8)),
+    "class_model": lambda m, x: cl.features.class_model(m, 1, steps=3, size=(8, 8), jitter=1),
+    "deep_dream": lambda m, x: cl.features.deep_dream(m, x[:1], "conv1", octaves=1, steps=2),
+    "embed": lambda m, x: cl.features.embed(m, x),
+    "neighbours": lambda m, x: cl.features.neighbours(m, x[:1], x, k=2),
+    "tsne": lambda m, x: cl.features.tsne(m, x, thumbnails=0),
+    "dissect": lambda m, x: cl.features.dissect(m, x, _masks(x), "conv1"),
+}
+
+
+@pytest.mark.parametrize("name", USERS_OF_THE_MODEL)
+def test_metrics_and_features_leave_the_model_untouched(name):
+    model, x = prepared_model(), tiny_input(6)
+    x_before, before = x.clone(), snapshot(model)
+    USERS_OF_THE_MODEL[name](model, x)
+    assert_same(before, snapshot(model))
+    assert torch.equal(x, x_before)
+    assert cl.features.filters(model).data["weight"].shape == (6, 3, 3, 3)
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("name", USERS_OF_THE_MODEL)
+def test_metrics_and_features_leave_the_model_untouched_when_it_raises(name):
+    model = prepared_model()
+    bomb = Exploding()
+    model.conv2 = nn.Sequential(model.conv2, bomb)
+    bomb.armed = True
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        USERS_OF_THE_MODEL[name](model, tiny_input(6))
+    assert_same(before, snapshot(model))

@@ -30,6 +30,7 @@ __all__ = [
     "edit_output",
     "frozen",
     "override_rectifiers",
+    "replace_rectifiers",
     "rules",
 ]
 
@@ -153,10 +154,15 @@ _RELU = {F.relu, torch.relu, Tensor.relu}
 _RELU_INPLACE = {torch.relu_, Tensor.relu_, F.relu_}
 
 
+RectifierFunction = Callable[[Tensor, "float | None"], Tensor]
+
+
 class _RectifierMode(TorchFunctionMode):
-    def __init__(self, rule: BackwardRule) -> None:
+    """Every rectifier call, max(0, x) or min(max(0, x), upper), goes to ``apply(x, upper)``."""
+
+    def __init__(self, apply: RectifierFunction) -> None:
         super().__init__()
-        self.rule = rule
+        self.apply = apply
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -174,7 +180,7 @@ class _RectifierMode(TorchFunctionMode):
         else:
             return func(*args, **kwargs)
         x = args[0]
-        out = _Rectifier.apply(x, upper, self.rule)
+        out = self.apply(x, upper)
         return x.copy_(out) if inplace else out
 
 
@@ -186,7 +192,16 @@ def override_rectifiers(rule: BackwardRule) -> Iterator[None]:
         >>> with override_rectifiers(rules.guided):
         ...     grad = torch.autograd.grad(model(x)[:, c].sum(), x)[0]
     """
-    with _RectifierMode(rule):
+    with _RectifierMode(lambda x, upper: _Rectifier.apply(x, upper, rule)):
+        yield
+
+
+@contextmanager
+def replace_rectifiers(apply: RectifierFunction) -> Iterator[None]:
+    """Within the block, every rectifier (``nn.ReLU``, ``nn.ReLU6``, ``F.relu``, ...; also in
+    place) is computed by ``apply(x, upper)``, ``upper`` None for ReLU: for methods whose
+    backward needs more than the gradient rule of :func:`override_rectifiers` (DeepLIFT)."""
+    with _RectifierMode(apply):
         yield
 
 

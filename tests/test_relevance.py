@@ -1,0 +1,337 @@
+"""LRP rules against matrix-form computations of the same formulas, and conservation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convlens as cl
+from convlens.baselines import make_baseline
+from convlens.methods.relevance import Ledger, Rule, lrp_context
+
+RULES = {
+    "epsilon": Rule("epsilon", epsilon=0.01),
+    "gamma": Rule("gamma", gamma=0.25, epsilon=1e-9),
+    "zplus": Rule("zplus", epsilon=1e-9),
+    "alpha_beta": Rule("alpha_beta", alpha=2.0, beta=1.0, epsilon=1e-9),
+    "zbox": Rule("zbox", low=-2.0, high=3.0, epsilon=1e-9),
+    "flat": Rule("flat", epsilon=1e-9),
+}
+
+
+def stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).double()
+
+
+def matrix_rule(rule: Rule, m: torch.Tensor, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor):
+    """R_in of one layer y = M a + b in matrix form (Montavon et al. 2019)."""
+    mp, mn = m.clamp(min=0), m.clamp(max=0)
+    ap, an = a.clamp(min=0), a.clamp(max=0)
+    eps = rule.epsilon
+    if rule.name == "epsilon":
+        return a * (m.T @ (r / stabilised(m @ a + b, eps)))
+    if rule.name == "gamma":  # sign-aware: units with z >= 0 favour positive contributions
+        g, upward = rule.gamma, (m @ a + b) >= 0
+        result = torch.zeros_like(a)
+        for mask, favoured, other, bias in (
+            (upward, mp, mn, b + g * b.clamp(min=0)),
+            (~upward, mn, mp, b + g * b.clamp(max=0)),
+        ):
+            w_pos, w_neg = m + g * favoured, m + g * other
+            s = torch.where(mask, r / stabilised(w_pos @ ap + w_neg @ an + bias, eps), 0.0)
+            result += ap * (w_pos.T @ s) + an * (w_neg.T @ s)
+        return result
+    positive = ap * (mp.T @ (r / stabilised(mp @ ap + mn @ an, eps))) + an * (
+        mn.T @ (r / stabilised(mp @ ap + mn @ an, eps))
+    )
+    if rule.name == "zplus":
+        return positive
+    if rule.name == "alpha_beta":
+        zn = mn @ ap + mp @ an - 1e-12
+        negative = ap * (mn.T @ (r / stabilised(zn, eps))) + an * (mp.T @ (r / stabilised(zn, eps)))
+        return rule.alpha * positive - rule.beta * negative
+    if rule.name == "zbox":
+        low, high = torch.full_like(a, rule.low), torch.full_like(a, rule.high)
+        s = r / stabilised(m @ a - mp @ low - mn @ high, eps)
+        return a * (m.T @ s) - low * (mp.T @ s) - high * (mn.T @ s)
+    if rule.name == "flat":
+        ones = (m != 0).double()  # the connections of the layer
+        return ones.T @ (r / stabilised(ones @ torch.ones_like(a), eps))
+    raise ValueError(rule.name)
+
+
+def layer_matrix(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer as y = M a + b over flattened inputs (M by the Jacobian of its bias-free form)."""
+    n = int(torch.tensor(shape).prod())
+
+    def linear_part(v: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(
+                v.view(1, *shape), layer.weight.double(), None, layer.stride, layer.padding
+            )
+        return F.linear(v.view(1, *shape), layer.weight.double())
+
+    m = torch.autograd.functional.jacobian(
+        lambda v: linear_part(v).flatten(), torch.zeros(n).double()
+    )
+    out_shape = linear_part(torch.zeros(n).double()).shape[1:]
+    bias = layer.bias.double()
+    b = bias.view(-1, *([1] * (len(out_shape) - 1))).expand(out_shape).flatten()
+    return m, b
+
+
+def dense_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+    ).double()
+
+
+def conv_net() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+
+
+def lrp_with(
+    net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int
+) -> tuple[torch.Tensor, Ledger]:
+    ledger = Ledger()
+    x = x.clone().requires_grad_(True)
+    with lrp_context(net, x, lambda layer, first: rule, ledger, epsilon=rule.epsilon):
+        out = net(x)
+        (relevance,) = torch.autograd.grad(out[:, target].sum(), x, out[:, target].detach().sum())
+    return relevance, ledger
+
+
+def matrix_lrp(net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int) -> torch.Tensor:
+    activations, a = [], x
+    for layer in net:
+        activations.append(a)
+        a = layer(a)
+    r = torch.zeros_like(a[0])
+    r[target] = a[0, target]
+    for layer, a_in in zip(reversed(net), reversed(activations), strict=True):
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            m, b = layer_matrix(layer, tuple(a_in.shape[1:]))
+            r = matrix_rule(rule, m, b, a_in[0].flatten(), r.flatten())
+        r = r.reshape(a_in.shape[1:])  # ReLU and Flatten pass relevance on
+    return r
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("make, shape", [(dense_net, (1, 6)), (conv_net, (1, 2, 5, 5))])
+def test_each_rule_equals_its_matrix_form(rule, make, shape):
+    net = make()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).double()
+    ours, _ = lrp_with(net, x, RULES[rule], target=1)
+    expected = matrix_lrp(net, x, RULES[rule], target=1)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
+
+
+def unbiased(net: nn.Sequential) -> nn.Sequential:
+    with torch.no_grad():
+        for layer in net:
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.zero_()
+    return net
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "zplus"])
+def test_relevance_is_conserved_without_biases(rule):
+    net = unbiased(conv_net())
+    x = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(3)).double()  # x >= 0
+    chosen = Rule("epsilon", epsilon=1e-9) if rule == "epsilon" else Rule("zplus", epsilon=1e-9)
+    relevance, ledger = lrp_with(net, x, chosen, target=0)
+    logit = net(x)[0, 0]
+    assert relevance.sum().item() == pytest.approx(logit.item(), rel=1e-6)
+    assert abs(ledger.absorbed.item()) < 1e-6 * abs(logit.item())
+
+
+def test_biases_absorb_what_input_relevance_lacks():
+    net, x = dense_net(), torch.randn(1, 6, generator=torch.Generator().manual_seed(4)).double()
+    relevance, ledger = lrp_with(net, x, Rule("epsilon", epsilon=1e-9), target=2)
+    logit = net(x)[0, 2].item()
+    assert abs(ledger.absorbed.item()) > 1e-3 * abs(logit)  # the biases took some
+    assert relevance.sum().item() + ledger.absorbed.item() == pytest.approx(logit, rel=1e-9)
+
+
+class Residual(nn.Module):
+    """conv -> BN -> ReLU6, then ``x + inputs`` and a mean: the shapes of EfficientNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU6()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.stem(x)))
+        h = self.act(self.conv(h)) + h
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_residual_additions_split_relevance_and_batchnorm_is_restored():
+    net = Residual().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(6))
+    e = cl.explain(
+        net, x, "lrp", composite="epsilon", epsilon=1e-9, low=-3.0, high=3.0, target=[0, 1]
+    )
+    totals = torch.tensor(e.extras["input_relevance"]) + torch.tensor(e.extras["absorbed"])
+    torch.testing.assert_close(totals, torch.tensor(e.extras["logit"]), rtol=1e-5, atol=1e-6)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert net.stem.bias is None
+
+
+@pytest.mark.slow
+def test_relevance_is_conserved_on_the_bundled_model(bundled, photos):
+    before = {k: v.clone() for k, v in bundled.module.state_dict().items()}
+    e = cl.explain(bundled, photos["chelsea"], "lrp", composite="epsilon_plus")
+    (logit,), (absorbed,), (inputs,) = (
+        e.extras[k] for k in ("logit", "absorbed", "input_relevance")
+    )
+    # Nothing is lost or counted twice: what does not reach the pixels is what the biases
+    # (BatchNorm shifts merged into the convolutions) and stabilisers absorbed, layer by layer.
+    assert inputs + absorbed == pytest.approx(logit, rel=0.01)
+    assert 0 < inputs < logit and 0 < absorbed < logit
+    for key, value in bundled.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# -- DeepLIFT, DeepSHAP and GradientSHAP against captum -----------------------------------------
+
+
+def relu_net(pool: bool = False) -> nn.Sequential:
+    torch.manual_seed(12)
+    layers = [nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()]
+    layers += [nn.MaxPool2d(2)] if pool else [nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+
+
+def output_delta(model: nn.Module, x: torch.Tensor, reference: torch.Tensor, targets: list[int]):
+    rows = torch.arange(len(x))
+    with torch.no_grad():
+        return model(x)[rows, targets] - model(reference)[rows, targets]
+
+
+def test_deeplift_equals_captum_and_sums_to_delta():
+    import captum.attr as ca
+    from conftest import tiny_input
+
+    model, x = relu_net(), tiny_input(3)
+    reference = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(9)) * 0.5
+    e = cl.explain(model, x, "deeplift", baseline=reference, target=[0, 1, 2])
+    theirs = ca.DeepLift(model).attribute(x, baselines=reference, target=[0, 1, 2])
+    torch.testing.assert_close(e.attribution, theirs, rtol=0, atol=1e-5 * float(theirs.abs().max()))
+    delta = output_delta(model, x, reference, [0, 1, 2])
+    torch.testing.assert_close(e.attribution.sum(dim=(1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(e.extras["delta"]).float(), delta, rtol=1e-5, atol=1e-6)
+
+
+def test_deeplift_max_pooling_sums_to_delta_where_captum_does_not():
+    """A ReLU before a max pooling: captum 0.9's max-pool rule falls back to the first batch
+    element's gradient where x = x0 (captum issue #1276) and loses the summation-to-delta
+    property that defines DeepLIFT; convlens keeps it, so it departs from captum here."""
+    import captum.attr as ca
+    from conftest import tiny_input
+
+    model, x = relu_net(pool=True), tiny_input(4)
+    reference = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(13))
+    targets = [0, 1, 2, 3]
+    delta = output_delta(model, x, reference, targets)
+    e = cl.explain(model, x, "deeplift", baseline=reference, target=targets)
+    torch.testing.assert_close(e.attribution.sum(dim=(1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+    theirs = ca.DeepLift(model).attribute(x, baselines=reference, target=targets)
+    assert (theirs.sum(dim=(1, 2, 3)) - delta).abs().max() > 1e-3  # captum misses the delta
+
+
+def test_deeplift_with_overlapping_max_pooling_windows_sums_to_delta():
+    torch.manual_seed(14)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=1),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 2),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(15))
+    reference = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(16))
+    e = cl.explain(model, x, "deeplift", baseline=reference, target=[0, 1])
+    delta = output_delta(model, x, reference, [0, 1])
+    torch.testing.assert_close(e.attribution.sum(dim=(1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_deeplift_rescale_also_covers_functional_and_relu6_rectifiers():
+    from conftest import tiny, tiny_input
+
+    x = tiny_input(2)
+    for act in ("functional", "relu6", "reused", "relu_inplace"):
+        model = tiny(act)
+        e = cl.explain(model, x, "deeplift", baseline="blur", target=[3, 4])
+        delta = output_delta(model, x, make_baseline("blur", x), [3, 4])
+        torch.testing.assert_close(e.attribution.sum(dim=(1, 2, 3)), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_deepshap_equals_captum_deepliftshap():
+    import captum.attr as ca
+    from conftest import tiny_input
+
+    model, x = relu_net(), tiny_input(2)
+    references = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10)) * 0.3
+    e = cl.explain(model, x, "deeplift", baseline=references, shap=True, target=[1, 2])
+    theirs = ca.DeepLiftShap(model).attribute(x, baselines=references, target=[1, 2])
+    torch.testing.assert_close(e.attribution, theirs, rtol=0, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_gradient_shap_equals_captum_on_the_same_draws(monkeypatch):
+    """captum draws its noise with torch.normal, references with np.random.choice and path
+    points with np.random.uniform; the same seeds reproduce them, and convlens is given them."""
+    import captum.attr as ca
+    import numpy as np
+    from conftest import tiny, tiny_input
+
+    from convlens.methods import relevance
+
+    model, x = tiny("relu6"), tiny_input(2)
+    references = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    n, stdev = 6, 0.1
+    torch.manual_seed(0)
+    np.random.seed(0)
+    theirs = ca.GradientShap(model).attribute(
+        x, baselines=references, target=[0, 3], n_samples=n, stdevs=stdev
+    )
+    torch.manual_seed(0)
+    np.random.seed(0)
+    noise = torch.normal(0, torch.tensor(stdev).repeat((2 * n, 3, 8, 8)))
+    index = torch.tensor(np.random.choice(5, n * 2))
+    alpha = torch.tensor(np.random.uniform(0.0, 1.0, n * 2))
+    monkeypatch.setattr(relevance, "shap_draws", lambda *args: (index, alpha, noise))
+    e = cl.explain(model, x, "gradient_shap", baseline=references, n_samples=n, target=[0, 3])
+    torch.testing.assert_close(e.attribution, theirs, rtol=0, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_gradient_shap_approaches_the_expected_gradients_integral():
+    """With one reference and many samples, GradientSHAP is integrated gradients in expectation,
+    whose attributions sum to f(x) - f(x0)."""
+    from conftest import tiny, tiny_input
+
+    model, x = tiny(), tiny_input(1)
+    e = cl.explain(model, x, "gradient_shap", baseline="zero", n_samples=4000, target=2)
+    with torch.no_grad():
+        delta = model(x)[0, 2] - model(torch.zeros_like(x))[0, 2]
+    assert e.attribution.sum().item() == pytest.approx(delta.item(), rel=0.05, abs=0.02)
