@@ -1,9 +1,11 @@
 """Shared benchmark machinery: timing medians, peak memory, and the model's floor.
 
 The floor of a method is what the bare model needs for the same work, measured in the same
-run: the number of images it passes through the model divided by the model's best throughput
-over batch sizes 1 to 64. Ratios to it are what to compare across machines and runs; absolute
-seconds on a shared machine are not.
+run: its images passed through the bare model at the best batch size of the throughput curve
+over batch sizes 1 to 64 (or, for single-image methods, passes at batch 1). The floor pass, the
+method and its oracle are timed in turn, so that the drifting load of a shared machine affects
+them alike. Ratios to the floor are what to compare across machines and runs; absolute seconds
+on a shared machine are not.
 """
 
 from __future__ import annotations
@@ -75,25 +77,26 @@ def timed(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def timed_against(
-    fn: Callable[[], Any], reference: Callable[[], Any], repeats: int
-) -> tuple[float, float, Any]:
-    """Medians of ``fn`` and ``reference`` timed alternately (after a warm-up of each).
+def timed_alternately(fns: list[Callable[[], Any]], repeats: int) -> tuple[list[float], Any]:
+    """Median seconds of each function, timed in turn (after a warm-up of each), and the
+    first one's last result.
 
-    On a shared, noisy machine a floor measured minutes apart from the method can be off by a
-    third; alternating the two calls exposes both to the same conditions.
+    On a shared, noisy machine conditions drift within minutes (measured: the same bare model
+    at 77 and at 116 images/s in one hour); timing a method, its floor and its oracle in turn
+    exposes all of them to the same conditions, so their ratios hold.
     """
-    result = fn()
-    reference()
-    ours, theirs = [], []
+    result = fns[0]()
+    for fn in fns[1:]:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference()
-        theirs.append(time.perf_counter() - start)
-    return statistics.median(ours), statistics.median(theirs), result
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            value = fn()
+            times[k].append(time.perf_counter() - start)
+            if k == 0:
+                result = value
+    return [statistics.median(t) for t in times], result
 
 
 def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> None:
@@ -156,9 +159,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 # image count divided by the best rate over batch sizes 1 to 64.
 FLOORS = {
     "fwdbwd_b1": "fwd+bwd at batch 1, per pass (timed alternately)",
-    "fwdbwd_best": "images / best fwd+bwd rate",
+    "fwdbwd_best": "images at the best fwd+bwd batch size (timed alternately)",
     "fwd_b1": "fwd at batch 1, per pass (timed alternately)",
-    "fwd_best": "images / best fwd rate",
+    "fwd_best": "images at the best fwd batch size (timed alternately)",
     "fwdbwd_once": "one fwd+bwd at batch 1 (timed alternately)",
 }
 
@@ -226,19 +229,33 @@ def run_suite(
             )
 
         kind, basis = floors[name].split("_")
-        floor: float | None = None
-        if basis in ("b1", "once"):  # passes at batch 1: the floor is timed alternately
-            step = kinds[kind]
-            seconds, pass_seconds, explanation = timed_against(
-                ours, kept(lambda step=step: step(bare, x)), max(repeats, 9)
-            )
-            floor = pass_seconds * (explanation.forwards if basis == "b1" else 1)
-        else:
-            seconds, explanation = timed(ours, repeats)
-        theirs = their_kept = None
+        step = kinds[kind]
+        forwards = ours().forwards
+        if basis in ("b1", "once"):  # passes at batch 1
+            sample, scale = 1, (forwards if basis == "b1" else 1)
+            floor_pass = kept(lambda step=step: step(bare, x))
+        else:  # images at the best batch size of the curve measured before
+            best = max(before[kind], key=before[kind].get)
+            sample = min(forwards, 8 * best)
+            batches = [
+                x.expand(len(chunk), -1, -1, -1).contiguous()
+                for chunk in torch.arange(sample).split(best)
+            ]
+            scale = forwards / sample
+
+            def floor_pass(step: Callable = step, batches: list = batches) -> None:
+                with freed_memory_kept():
+                    for batch in batches:
+                        step(bare, batch)
+
+        fns = [ours, floor_pass]
         if name in oracle:
-            theirs = timed(oracle[name], repeats)[0]
-            their_kept = timed(kept(oracle[name]), repeats)[0]
+            fns += [oracle[name], kept(oracle[name])]
+        medians, explanation = timed_alternately(
+            fns, max(repeats, 9 if basis != "best" else repeats)
+        )
+        seconds, floor = medians[0], medians[1] * scale
+        theirs, their_kept = (medians[2], medians[3]) if name in oracle else (None, None)
         memory = cold_peak_mb(suite, "convlens", name)
         their_memory = cold_peak_mb(suite, "oracle", name) if name in oracle else None
         measured.append(
@@ -258,9 +275,6 @@ def run_suite(
         )
     rows = []
     for name, seconds, memory, explanation, theirs, their_kept, their_memory, floor in measured:
-        kind, _ = floors[name].split("_")
-        if floor is None:
-            floor = explanation.forwards / max(rates[kind].values())
         row = {
             "method": name,
             "seconds": seconds,

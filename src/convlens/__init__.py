@@ -7,7 +7,7 @@ Example:
     >>> e.overlay().save("guided.png")
 """
 
-from convlens import datasets, metrics, targets
+from convlens import datasets, features, metrics, targets
 from convlens.api import explain
 from convlens.explanation import Explanation
 from convlens.images import load_image, sample_images
@@ -21,6 +21,7 @@ __all__ = [
     "Model",
     "datasets",
     "explain",
+    "features",
     "get_method",
     "list_methods",
     "load_image",

@@ -12,17 +12,17 @@ computed with autograd on the layer's own forward (so padding, strides, groups a
 convolutions come for free). Rectifiers pass relevance through unchanged, max pooling routes it
 to the winner, and residual additions written as ``a + b`` inside ``forward`` split it in
 proportion to the two terms (a TorchFunctionMode sees them; so do ``mean`` reductions).
-BatchNorm is merged into the convolution before it for the duration of the call. What biases
-and stabilisers absorb is counted, so that input relevance + absorbed = the target logit.
+A BatchNorm that follows a convolution is folded into that convolution's parameters for its
+rule (the modules themselves are never changed). What biases and stabilisers absorb is
+counted, so that input relevance + absorbed = the target logit.
 
 Everything is hooks and a function mode inside a context manager; nothing is swapped.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from convlens.engine import model_layout
 from convlens.hooks import override_rectifiers
 from convlens.methods.base import Method
 from convlens.registry import register
@@ -82,21 +83,32 @@ class Ledger:
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
-def _params(module: nn.Module, weight: Tensor | None = None, bias: Any = "same") -> dict:
-    params = {"weight": module.weight if weight is None else weight}
-    if getattr(module, "bias", None) is not None:
-        params["bias"] = (
-            module.bias
-            if bias == "same"
-            else (torch.zeros_like(module.bias) if bias is None else bias)
-        )
+def _params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> dict:
+    """Parameters for ``functional_call``: ``bias`` None means no bias (zeros if the module
+    has one); a bias may also be given to a module built without one (a merged BatchNorm)."""
+    params = {"weight": weight}
+    if bias is not None:
+        params["bias"] = bias
+    elif getattr(module, "bias", None) is not None:
+        params["bias"] = torch.zeros_like(module.bias)
     return params
 
 
 def redistribute(
-    module: nn.Module, rule: Rule, x: Tensor, relevance: Tensor, ledger: Ledger
+    module: nn.Module,
+    rule: Rule,
+    x: Tensor,
+    relevance: Tensor,
+    ledger: Ledger,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Input relevance of one layer: ``relevance`` (at its output) redistributed by ``rule``."""
+    """Input relevance of one layer: ``relevance`` (at its output) redistributed by ``rule``.
+
+    ``weight`` and ``bias`` are the layer's effective parameters (its own, or with a following
+    BatchNorm merged in); None for average pooling and unmerged BatchNorm, which run as they
+    are under the epsilon rule.
+    """
 
     def run(inputs: Tensor, params: dict | None = None) -> Tensor:
         return module(inputs) if params is None else functional_call(module, params, (inputs,))
@@ -107,34 +119,35 @@ def redistribute(
     ledger.inside = True
     try:
         with torch.enable_grad():
-            if isinstance(module, POOLS) or rule.name == "epsilon":
+            if weight is None or rule.name == "epsilon":
                 xs = leaf(x)
-                z = run(xs)
+                z = run(xs) if weight is None else run(xs, _params(module, weight, bias))
                 (c,) = torch.autograd.grad(z, xs, relevance / _stabilise(z, rule.epsilon))
                 return xs.detach() * c
-            weight = module.weight
             positive, negative = weight.clamp(min=0), weight.clamp(max=0)
             if rule.name == "gamma":
-                return _gamma(module, rule, x, relevance, run, leaf)
+                return _gamma(module, rule, x, relevance, run, leaf, weight, bias)
             if rule.name in ("zplus", "alpha_beta"):
-                xp, xn = leaf(x.clamp(min=0)), leaf(x.clamp(max=0))
-                zp = run(xp, _params(module, positive, None)) + run(
-                    xn, _params(module, negative, None)
-                )
-                (cp, cn) = torch.autograd.grad(
-                    zp, (xp, xn), relevance / _stabilise(zp, rule.epsilon)
-                )
-                r = xp.detach() * cp + xn.detach() * cn
+                # contributions x w of one sign: w+ on positive inputs with w- on negative ones
+                # (positive), w- on positive inputs with w+ on negative ones (negative); inputs
+                # that are all non-negative (after a rectifier) need only the first term
+                parts = [leaf(x.clamp(min=0))]
+                if bool((x < 0).any()):
+                    parts.append(leaf(x.clamp(max=0)))
+
+                def contributions(first: Tensor, second: Tensor) -> Tensor:
+                    z = run(parts[0], _params(module, first, None))
+                    return z + run(parts[1], _params(module, second, None)) if len(parts) > 1 else z
+
+                def share(z: Tensor) -> Tensor:
+                    grads = torch.autograd.grad(z, parts, relevance / _stabilise(z, rule.epsilon))
+                    return sum(t.detach() * g for t, g in zip(parts, grads, strict=True))
+
+                r = share(contributions(positive, negative))
                 if rule.name == "zplus":
                     return r
-                zn = run(xp, _params(module, negative, None)) + run(
-                    xn, _params(module, positive, None)
-                )
-                zn = zn - 1e-12  # a non-positive sum, kept away from zero
-                (cp, cn) = torch.autograd.grad(
-                    zn, (xp, xn), relevance / _stabilise(zn, rule.epsilon)
-                )
-                return rule.alpha * r - rule.beta * (xp.detach() * cp + xn.detach() * cn)
+                negative_part = share(contributions(negative, positive) - 1e-12)
+                return rule.alpha * r - rule.beta * negative_part
             if rule.name == "zbox":
                 xs, low, high = leaf(x), leaf(_bound(rule.low, x)), leaf(_bound(rule.high, x))
                 z = (
@@ -156,15 +169,24 @@ def redistribute(
         ledger.inside = False
 
 
-def _gamma(module: nn.Module, rule: Rule, x: Tensor, relevance: Tensor, run, leaf) -> Tensor:
+def _gamma(
+    module: nn.Module,
+    rule: Rule,
+    x: Tensor,
+    relevance: Tensor,
+    run: Callable,
+    leaf: Callable,
+    weight: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
     """LRP-gamma, sign-aware: a unit with z >= 0 favours positive contributions (w + gamma w+
     on positive inputs, w + gamma w- on negative ones, b + gamma b+), a unit with z < 0 the
     negative ones (mirrored). Then |z'| >= |z|: the rule never divides by a vanishing z', also
     in networks whose activations take both signs (EfficientNet's linear bottlenecks)."""
-    weight, bias, g = module.weight, module.bias, rule.gamma
+    g = rule.gamma
     positive, negative = weight.clamp(min=0), weight.clamp(max=0)
     with torch.no_grad():
-        upward = run(x) >= 0
+        upward = run(x, _params(module, weight, bias)) >= 0
     xp, xn = leaf(x.clamp(min=0)), leaf(x.clamp(max=0))
     total = [torch.zeros_like(x), torch.zeros_like(x)]
     for mask, favoured, other, b in (
@@ -268,68 +290,28 @@ def _pass_through(grad: Tensor, through: Callable[[Tensor], Tensor]) -> Tensor:
     return grad
 
 
-@contextmanager
-def _merged_batchnorm(module: nn.Module, x: Tensor) -> Iterator[set[nn.Module]]:
-    """BatchNorm layers that directly follow a convolution, folded into it (weights changed in
-    place, restored on exit) and made the identity by a forward hook. Yields the merged BNs."""
-    order: list[tuple[nn.Module, Any, Any]] = []
+class _Through(torch.autograd.Function):
+    """Identity on a merged BatchNorm's output: relevance passes to its input unchanged (the
+    convolution before it redistributes it with the BatchNorm folded into its parameters)."""
 
-    def record(m: nn.Module, args: Any, out: Any) -> None:
-        order.append((m, args[0] if args else None, out))
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor) -> Tensor:
+        return out.view_as(out)
 
-    handles = [
-        m.register_forward_hook(record)
-        for m in module.modules()
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
-    ]
-    try:
-        with torch.no_grad():
-            module(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    pairs = []
-    for (conv, _, out), (bn, bn_in, _) in itertools.pairwise(order):
-        follows = isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn_in is out
-        if follows and bn.running_mean is not None and all(b is not bn for _, b in pairs):
-            pairs.append((conv, bn))
-    saved = [
-        (
-            conv,
-            conv.weight.detach().clone(),
-            None if conv.bias is None else conv.bias.detach().clone(),
-            conv.bias,
-        )
-        for conv, _ in pairs
-    ]
-    hooks = []
-    try:
-        with torch.no_grad():
-            for conv, bn in pairs:
-                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
-                    bn.running_var + bn.eps
-                )
-                shift = (
-                    bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-                ) - bn.running_mean * scale
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
-                bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
-                if conv.bias is None:
-                    conv.bias = nn.Parameter(bias, requires_grad=False)
-                else:
-                    conv.bias.copy_(bias)
-                hooks.append(bn.register_forward_hook(lambda m, args, out: args[0]))
-        yield {bn for _, bn in pairs}
-    finally:
-        for handle in hooks:
-            handle.remove()
-        with torch.no_grad():
-            for conv, weight, bias, parameter in saved:
-                conv.weight.copy_(weight)
-                if bias is None:
-                    conv.bias = None
-                else:
-                    parameter.copy_(bias)
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
+        return relevance, None
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The convolution's weight and bias with the BatchNorm (eval mode) folded in."""
+    scale = bn.running_var.add(bn.eps).rsqrt()
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+    weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return weight, bias
 
 
 COMPOSITES: dict[str, dict[str, Rule]] = {
@@ -356,44 +338,62 @@ def lrp_context(
 ) -> Iterator[None]:
     """Within the block, the backward pass of ``module`` propagates relevance.
 
-    ``rules(layer, is_input_layer)`` gives the rule of each convolution, linear layer and
-    average pooling. BatchNorm is merged for the duration; everything is restored on exit.
+    ``rules(layer, is_input_layer)`` gives the rule of each convolution and linear layer;
+    average pooling and a BatchNorm that does not follow a convolution use epsilon. A
+    BatchNorm that reads a convolution's output directly is merged into that convolution's
+    rule (its parameters are folded in for the backward pass; the module is not touched).
     """
-    with ExitStack() as stack:
-        merged = stack.enter_context(_merged_batchnorm(module, x))
-        layers = [
-            m
-            for m in module.modules()
-            if isinstance(m, (*LINEAR, *POOLS))
-            or (isinstance(m, nn.BatchNorm2d) and m not in merged)
-        ]
-        first: list[nn.Module] = []
+    produced: dict[int, tuple[Tensor, nn.Module]] = {}
+    merged: dict[nn.Module, nn.Module] = {}
+    first: list[nn.Module] = []
 
-        def hook(layer: nn.Module, args: Any, out: Tensor) -> Tensor | None:
-            if ledger.inside or not torch.is_grad_enabled():
-                return None
-            if not first and isinstance(layer, LINEAR):
-                first.append(layer)
-            rule = (
-                Rule("epsilon", epsilon=epsilon)
-                if isinstance(layer, (*POOLS, nn.BatchNorm2d))
-                else rules(layer, first[0] is layer)
-            )
+    def layer_hook(layer: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        if ledger.inside or not torch.is_grad_enabled():
+            return None
+        if not first and isinstance(layer, LINEAR):
+            first.append(layer)
+        if isinstance(layer, LINEAR):
+            rule = rules(layer, first[0] is layer)
+        else:
+            rule = Rule("epsilon", epsilon=epsilon)
 
-            def step(
-                inputs: Tensor, relevance: Tensor, layer: nn.Module = layer, rule: Rule = rule
-            ) -> Tensor:
-                r = redistribute(layer, rule, inputs, relevance, ledger)
-                ledger.add(relevance, r)
-                return r
+        def step(inputs: Tensor, relevance: Tensor) -> Tensor:
+            weight = bias = None
+            if isinstance(layer, LINEAR):
+                weight, bias = layer.weight, layer.bias
+                if layer in merged:
+                    weight, bias = _folded(layer, merged[layer])
+            r = redistribute(layer, rule, inputs, relevance, ledger, weight, bias)
+            ledger.add(relevance, r)
+            return r
 
-            return _Layer.apply(args[0], out, step)
+        result = _Layer.apply(args[0], out, step)
+        if isinstance(layer, nn.Conv2d):
+            produced[id(result)] = (result, layer)
+        return result
 
-        handles = [m.register_forward_hook(hook) for m in layers]
-        stack.callback(lambda: [h.remove() for h in handles])
-        stack.enter_context(override_rectifiers(_pass_through))
-        stack.enter_context(_ResidualMode(ledger, epsilon))
-        yield
+    def batchnorm_hook(bn: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        if ledger.inside or not torch.is_grad_enabled():
+            return None
+        source = produced.get(id(args[0]))
+        if source is not None and source[0] is args[0] and bn.running_var is not None:
+            merged[source[1]] = bn
+            return _Through.apply(args[0], out)
+        return layer_hook(bn, args, out)
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, (*LINEAR, *POOLS)):
+            handles.append(m.register_forward_hook(layer_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_hook(batchnorm_hook))
+    try:
+        with override_rectifiers(_pass_through), _ResidualMode(ledger, epsilon):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        produced.clear()
 
 
 @register("lrp", "relevance")
@@ -433,13 +433,13 @@ class LRP(Method):
             return Rule(base.name, epsilon=epsilon, gamma=gamma, low=low, high=high)
 
         ledger = Ledger()
-        inputs = x.detach().clone().requires_grad_(True)
+        inputs = model_layout(x.detach().clone()).requires_grad_(True)
         with lrp_context(self.model.module, x, rules, ledger, epsilon):
             output = self.model.module(inputs)
             targets = resolve_targets(targets, output)
             scores = score_rows(targets, output)
             (relevance,) = torch.autograd.grad(scores, inputs, scores.detach())
-        self.engine.count(len(x) + 1)  # the traced pass that finds BatchNorms, and the pass
+        self.engine.count(len(x))
         absorbed = ledger.absorbed if ledger.absorbed is not None else torch.zeros(len(x))
         self.extras.update(
             absorbed=absorbed.tolist(),
@@ -627,7 +627,6 @@ class GradientShap(Method):
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         from convlens.baselines import make_baseline
-        from convlens.engine import model_layout
         from convlens.methods.base import positive_int
 
         n = positive_int("n_samples", self.params["n_samples"])
