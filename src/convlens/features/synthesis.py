@@ -59,7 +59,7 @@ class FourierImage(nn.Module):
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
         linear = torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
         colours = torch.einsum("ij,bjhw->bihw", COLOR_CORRELATION, linear)
-        return torch.sigmoid(colours * 4)
+        return torch.sigmoid(colours / 4)  # the /4 of Olah et al.'s reference code
 
 
 class PixelImage(nn.Module):
@@ -99,14 +99,14 @@ def class_model(
     model: Model | nn.Module,
     target: Any,
     steps: int = 256,
-    lr: float = 0.05,
+    lr: float = 0.03,
     objective: str = "logit",
     parametrization: str = "fourier",
     init: str = "noise",
     l2: float = 0.0,
-    jitter: int = 8,
-    scale: float = 0.05,
-    rotate: float = 5.0,
+    jitter: int | None = None,
+    scale: float = 0.1,
+    rotate: float = 10.0,
     blur_every: int = 0,
     blur_sigma: float = 0.5,
     size: tuple[int, int] | None = None,
@@ -124,8 +124,8 @@ def class_model(
         parametrization: ``"fourier"`` (decorrelated spectrum, Olah et al.) or ``"pixel"``.
         init: ``"noise"`` or ``"blank"`` (pixel parametrisation only; grey).
         l2: weight of the L2 decay lambda ||I||^2 on the normalised image (Simonyan et al.).
-        jitter, scale, rotate: random shift (pixels), scaling (fraction) and rotation (degrees)
-            at every step; 0 turns one off.
+        jitter, scale, rotate: random shift (pixels; default 1/14 of the image side, 16 at
+            224), scaling (fraction) and rotation (degrees) at every step; 0 turns one off.
         blur_every, blur_sigma: Gaussian blur of the pixels every n steps (Yosinski et al.).
 
     ``data``: ``image`` (1, 3, H, W) in the model's input space, ``scores`` (steps + 1,) the
@@ -137,6 +137,7 @@ def class_model(
         raise ValueError("class_model needs a target: a class, a label name, Channel or Neuron")
     (goal,) = check_target_spec(target, 1, wrapped.labels)
     height, width = size or wrapped.input_size or (224, 224)
+    jitter = round(max(height, width) / 14) if jitter is None else jitter
     generator = torch.Generator().manual_seed(seed)
     if objective not in ("logit", "log_probability"):
         raise ValueError(f"objective must be 'logit' or 'log_probability', not {objective!r}")
