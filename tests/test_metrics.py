@@ -170,15 +170,18 @@ def test_bad_boxes_are_refused():
 
 
 def test_saliency_segmentation_grows_the_object_from_its_seeds():
+    """Seeds: the 16 strongest pixels (the square's centre) and the weakest 30% (all outside).
+    The rest of the square and of the ground is labelled by colour."""
     picture = np.full((1, 32, 32, 3), 30, dtype=np.uint8)
     picture[0, 8:24, 8:24] = (220, 200, 40)  # a yellow square on a dark ground
-    heat = torch.zeros(1, 32, 32)
-    heat[0, 14:18, 14:18] = 1.0  # saliency only at the square's centre
-    heat[0, 8:24, 8:24] += 0.01
-    mask = metrics.saliency_segmentation(heat, picture)
+    heat = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.3
+    heat[0, 8:24, 8:24] = 0.5
+    heat[0, 14:18, 14:18] = 1.0
+    mask = metrics.saliency_segmentation(heat, picture, foreground=1 - 16 / 1024)
     truth = torch.zeros(1, 32, 32, dtype=torch.bool)
     truth[0, 8:24, 8:24] = True
     assert (mask == truth).double().mean() > 0.98
+    assert mask[0, 8:24, 8:24].sum() > 16 * 10  # grown far beyond its 16 seeds
 
 
 # -- sanity ---------------------------------------------------------------------------------
