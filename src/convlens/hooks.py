@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "BackwardRule",
     "Captured",
     "OutputEdit",
+    "call_order",
     "capture",
     "edit_output",
     "frozen",
@@ -91,6 +92,20 @@ def capture(layers: Mapping[Any, nn.Module], inputs: bool = False) -> Iterator[C
     finally:
         for handle in handles:
             handle.remove()
+
+
+def call_order(module: nn.Module, x: Tensor, among: Iterable[nn.Module]) -> list[nn.Module]:
+    """The modules of ``among`` in the order one forward pass of ``x[:1]`` calls them (each
+    once, at its first call), with gradients off and the model frozen meanwhile."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda m, _: order.append(m)) for m in among]
+    try:
+        with torch.no_grad(), frozen(module):
+            module(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
 
 
 class OutputEdit:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.features.common import Features, layer_outputs
-from convlens.hooks import frozen
+from convlens.hooks import call_order
 from convlens.model import Model, as_model
 
 __all__ = ["embed", "neighbours", "tsne"]
@@ -26,14 +26,7 @@ __all__ = ["embed", "neighbours", "tsne"]
 def _penultimate(model: Model, x: Tensor) -> str:
     """The last nn.Linear a forward pass calls: its input is the penultimate representation."""
     linears = {m: n for n, m in model.module.named_modules() if isinstance(m, nn.Linear)}
-    order: list[nn.Module] = []
-    handles = [m.register_forward_pre_hook(lambda m, _: order.append(m)) for m in linears]
-    try:
-        with torch.no_grad(), frozen(model.module):
-            model.module(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    order = call_order(model.module, x, linears)
     if not order:
         raise ValueError("the model calls no nn.Linear; give the layer to embed from")
     return linears[order[-1]]

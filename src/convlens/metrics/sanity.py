@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.explanation import Explanation
-from convlens.hooks import frozen
+from convlens.hooks import call_order, frozen
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
 from convlens.targets import Class, TargetSpec, check_target_spec, resolve_targets
@@ -80,15 +80,7 @@ def randomisable_layers(model: Model | nn.Module, x: Tensor) -> list[str]:
     wrapped = as_model(model)
     names = {module: name for name, module in wrapped.module.named_modules()}
     owners = [m for m in wrapped.module.modules() if any(True for _ in m.parameters(False))]
-    order: list[nn.Module] = []
-    handles = [m.register_forward_pre_hook(lambda m, _: order.append(m)) for m in owners]
-    try:
-        with torch.no_grad(), frozen(wrapped.module):
-            wrapped.module(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [names[m] for m in dict.fromkeys(order)]
+    return [names[m] for m in call_order(wrapped.module, x, owners)]
 
 
 def _reinitialise(module: nn.Module, seed: int) -> None:
