@@ -99,6 +99,32 @@ def timed_alternately(fns: list[Callable[[], Any]], repeats: int) -> tuple[list[
     return [statistics.median(t) for t in times], result
 
 
+class FreshProcess:
+    """An oracle in its own fresh process (``bench/fresh.py``), with the allocator settings a
+    user's script has; each call runs it once there and waits for it."""
+
+    def __init__(self, suite: str, name: str) -> None:
+        command = [sys.executable, "-W", "ignore", "-m", "bench.fresh", suite, name]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect("ready")
+
+    def _expect(self, word: str) -> None:
+        line = self.process.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != word:
+            raise RuntimeError(f"the oracle process said {line!r}, not {word!r}")
+
+    def __call__(self) -> None:
+        self.process.stdin.write("run\n")  # type: ignore[union-attr]
+        self.process.stdin.flush()  # type: ignore[union-attr]
+        self._expect("done")
+
+    def close(self) -> None:
+        self.process.stdin.close()  # type: ignore[union-attr]
+        self.process.wait(timeout=60)
+
+
 def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> None:
     """One forward and one backward to the input, parameters frozen: the gradient floor."""
     x = x.detach().requires_grad_(True)
@@ -159,9 +185,9 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 # image count divided by the best rate over batch sizes 1 to 64.
 FLOORS = {
     "fwdbwd_b1": "fwd+bwd at batch 1, per pass (timed alternately)",
-    "fwdbwd_best": "images at the best fwd+bwd batch size (timed alternately)",
+    "fwdbwd_best": "images at the best fwd+bwd batch size 8-64 (timed in turn)",
     "fwd_b1": "fwd at batch 1, per pass (timed alternately)",
-    "fwd_best": "images at the best fwd batch size (timed alternately)",
+    "fwd_best": "images at the best fwd batch size 8-64 (timed in turn)",
     "fwdbwd_once": "one fwd+bwd at batch 1 (timed alternately)",
 }
 
@@ -234,28 +260,37 @@ def run_suite(
         if basis in ("b1", "once"):  # passes at batch 1
             sample, scale = 1, (forwards if basis == "b1" else 1)
             floor_pass = kept(lambda step=step: step(bare, x))
-        else:  # images at the best batch size of the curve measured before
-            best = max(before[kind], key=before[kind].get)
-            sample = min(forwards, 8 * best)
-            batches = [
-                x.expand(len(chunk), -1, -1, -1).contiguous()
-                for chunk in torch.arange(sample).split(best)
-            ]
+        else:  # the same images at the best of batch sizes 8-64, under the same conditions
+            sample = min(forwards, 256)
             scale = forwards / sample
+            floor_passes = []
+            for size in (8, 16, 32, 64):
+                batches = [
+                    x.expand(len(chunk), -1, -1, -1).contiguous()
+                    for chunk in torch.arange(sample).split(size)
+                ]
 
-            def floor_pass(step: Callable = step, batches: list = batches) -> None:
-                with freed_memory_kept():
-                    for batch in batches:
-                        step(bare, batch)
+                def floor_pass(step: Callable = step, batches: list = batches) -> None:
+                    with freed_memory_kept():
+                        for batch in batches:
+                            step(bare, batch)
 
-        fns = [ours, floor_pass]
-        if name in oracle:
-            fns += [oracle[name], kept(oracle[name])]
-        medians, explanation = timed_alternately(
-            fns, max(repeats, 9 if basis != "best" else repeats)
-        )
-        seconds, floor = medians[0], medians[1] * scale
-        theirs, their_kept = (medians[2], medians[3]) if name in oracle else (None, None)
+                floor_passes.append(floor_pass)
+
+        passes = [floor_pass] if basis in ("b1", "once") else floor_passes
+        fns = [ours, *passes]
+        fresh = FreshProcess(suite, name) if name in oracle else None
+        if fresh is not None:
+            fns += [fresh, kept(oracle[name])]
+        try:
+            medians, explanation = timed_alternately(
+                fns, max(repeats, 9 if basis != "best" else repeats)
+            )
+        finally:
+            if fresh is not None:
+                fresh.close()
+        seconds, floor = medians[0], min(medians[1 : 1 + len(passes)]) * scale
+        theirs, their_kept = medians[-2:] if fresh is not None else (None, None)
         memory = cold_peak_mb(suite, "convlens", name)
         their_memory = cold_peak_mb(suite, "oracle", name) if name in oracle else None
         measured.append(
@@ -300,9 +335,9 @@ def run_suite(
     print(
         "\nratio = median seconds / floor. oracle = captum, or the lime package for lime. "
         "vs_oracle = oracle seconds / convlens seconds, the oracle run as its users run it "
-        "(default allocator); vs_oracle_kept = the same with freed memory kept for reuse, as "
-        "convlens.explain runs. peak_MB = extra resident memory at the peak of one cold call "
-        "in a fresh process"
+        "(its own fresh process, default allocator); vs_oracle_kept = the same in this "
+        "process with freed memory kept for reuse, as convlens.explain runs. peak_MB = extra "
+        "resident memory at the peak of one cold call in a fresh process"
     )
     return rows
 
@@ -318,6 +353,10 @@ def suite_main(
     """The command line of one suite: ``python -m bench SUITE [--repeats N]``."""
     parser = argparse.ArgumentParser(prog=f"python -m bench {suite}")
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--methods", help="NAME[,NAME...] of this suite (default: all)")
     args = parser.parse_args(argv)
-    run_suite(suite, cl.list_methods(suite), floors, settings, oracles, args.repeats)
+    methods = cl.list_methods(suite)
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m in methods]
+    run_suite(suite, methods, floors, settings, oracles, args.repeats)
     return 0
