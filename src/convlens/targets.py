@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,6 +281,16 @@ def probability_scores(
     if isinstance(first, (Class, Contrast)):
         output = output.softmax(dim=-1)
     return score_rows(target, output, activations)
+
+
+def scorer(name: str) -> Callable[..., Tensor]:
+    """The score function called ``name``: ``"probability"`` (:func:`probability_scores`) or
+    ``"logit"`` (:func:`score_rows`, the raw output)."""
+    if name == "probability":
+        return probability_scores
+    if name == "logit":
+        return score_rows
+    raise ValueError(f"score must be 'probability' or 'logit', not {name!r}")
 
 
 def layer_key(layer: str | nn.Module | None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +60,12 @@ def layer_outputs(
     batch_size: int | None = None,
     inputs: bool = False,
     progress: bool | None = None,
+    select: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """The output (or input) of ``layer`` for every image of ``x``, in batches, no gradients."""
+    """The output (or input) of ``layer`` for every image of ``x``, in batches, no gradients.
+
+    ``select``, if given, reduces each chunk's tensor before it is kept (so that a whole
+    collection's feature maps need not sit in memory)."""
     wrapped = as_model(model)
     module = wrapped.layer(layer)
     chunks = []
@@ -70,7 +75,8 @@ def layer_outputs(
             for start, stop in engine.chunks(len(x)):
                 wrapped.module(x[start:stop])
                 engine.count(stop - start)
-                chunks.append(seen[0].detach().float().cpu())
+                out = seen[0].detach()
+                chunks.append((select(out) if select else out).float().cpu())
     return torch.cat(chunks)
 
 

@@ -46,10 +46,6 @@ def _embeddings(
     return vectors.flatten(1), name
 
 
-def _thumbnails(model: Model, x: Tensor) -> np.ndarray:
-    return model.to_display(x)
-
-
 def embed(
     model: Model | nn.Module,
     images: Any,
@@ -101,7 +97,7 @@ def neighbours(
     pixel = torch.cdist(q.flatten(1).float(), x.flatten(1).float(), compute_mode=exact)[0]
     f_dist, f_idx = feature.topk(k, largest=False)
     p_dist, p_idx = pixel.topk(k, largest=False)
-    pictures = _thumbnails(wrapped, torch.cat([q, x[f_idx], q, x[p_idx]]))
+    pictures = wrapped.to_display(torch.cat([q, x[f_idx], q, x[p_idx]]))
     tiles = [Image.fromarray(p) for p in pictures]
     titles = (
         ["query"]
@@ -144,7 +140,7 @@ def tsne(
     )
     label_array = None if labels is None else np.asarray(torch.as_tensor(labels))
     shown = min(thumbnails, len(x))
-    pictures = _thumbnails(wrapped, x[:shown]) if shown else None
+    pictures = wrapped.to_display(x[:shown]) if shown else None
     picture = _scatter(points, label_array, pictures, f"t-SNE of {name}", wrapped.labels)
     data = {"points": torch.from_numpy(points), "embeddings": vectors}
     return Features("tsne", data, picture, {"layer": name, "perplexity": perplexity})

@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
 from convlens import viz
-from convlens.engine import Engine, default_batch_size, freed_memory_kept
-from convlens.features.common import Features, resolve_layer
+from convlens.features.common import Features, layer_outputs, resolve_layer
 from convlens.hooks import capture, frozen, override_rectifiers, rules
 from convlens.model import Model, as_model
 
@@ -144,28 +143,20 @@ def top_patches(
     x = wrapped.inputs(images)
     name = resolve_layer(wrapped, layer)
     module = wrapped.layer(name)
-    best_values, best_positions = [], []
-    with freed_memory_kept(), frozen(wrapped.module):
-        engine = Engine(batch_size or default_batch_size(16), progress, "top patches")
-        with engine.task(len(x)), torch.no_grad(), capture({0: module}) as seen:
-            for start, stop in engine.chunks(len(x)):
-                wrapped.module(x[start:stop])
-                engine.count(stop - start)
-                out = seen[0]
-                if out.dim() != 4:
-                    raise ValueError(f"layer {name!r} gives {tuple(out.shape)}, not (B, C, h, w)")
-                if not 0 <= channel < out.shape[1]:
-                    raise IndexError(
-                        f"channel {channel} is out of range for {out.shape[1]} channels"
-                    )
-                maps = out[:, channel].flatten(1).float().cpu()
-                value, where = maps.max(dim=1)
-                best_values.append(value)
-                best_positions.append(
-                    torch.stack([where // out.shape[-1], where % out.shape[-1]], 1)
-                )
-        values, positions = torch.cat(best_values), torch.cat(best_positions)
-        order = torch.argsort(values, descending=True, stable=True)[:k]
+
+    def strongest(out: Tensor) -> Tensor:  # per image: (value, y, x) of the channel's maximum
+        if out.dim() != 4:
+            raise ValueError(f"layer {name!r} gives {tuple(out.shape)}, not (B, C, h, w)")
+        if not 0 <= channel < out.shape[1]:
+            raise IndexError(f"channel {channel} is out of range for {out.shape[1]} channels")
+        value, where = out[:, channel].flatten(1).float().max(dim=1)
+        width = out.shape[-1]
+        return torch.stack([value, (where // width).float(), (where % width).float()], dim=1)
+
+    best = layer_outputs(wrapped, x, name, batch_size, progress=progress, select=strongest)
+    values, positions = best[:, 0], best[:, 1:].long()
+    order = torch.argsort(values, descending=True, stable=True)[:k]
+    with frozen(wrapped.module):
         field = receptive_field(wrapped, name, tuple(x.shape[-2:]))
         pictures = torch.from_numpy(wrapped.to_display(x[order])).permute(0, 3, 1, 2).float() / 255
         patches, projections, boxes = [], [], []
@@ -177,7 +168,6 @@ def top_patches(
                 wrapped.module(image)
                 unit = seen[0][0, channel, y, xx]
                 (gradient,) = torch.autograd.grad(unit, image)
-            engine.count(1)
             x0, y0, x1, y1 = box
             boxes.append(box)
             patches.append(pictures[row, :, y0:y1, x0:x1])

@@ -20,7 +20,7 @@ from torch import Tensor
 from convlens.baselines import make_baseline
 from convlens.methods.base import Method, positive_int
 from convlens.registry import register
-from convlens.targets import Target, probability_scores, resolve_targets, score_rows
+from convlens.targets import Target, probability_scores, resolve_targets, score_rows, scorer
 
 __all__ = [
     "LIME",
@@ -283,11 +283,7 @@ class SurrogateMethod(PerturbationMethod):
         """Per-superpixel weights (m,) and the fit's statistics."""
 
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
-        if self.params["score"] == "probability":
-            return probability_scores(targets, output, unit)
-        if self.params["score"] == "logit":
-            return score_rows(targets, output, unit)
-        raise ValueError(f"score must be 'probability' or 'logit', not {self.params['score']!r}")
+        return scorer(self.params["score"])(targets, output, unit)
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         n_samples = self.params["n_samples"]

@@ -33,7 +33,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from convlens.engine import model_layout
-from convlens.hooks import override_rectifiers
+from convlens.hooks import override_rectifiers, replace_rectifiers
 from convlens.methods.base import Method
 from convlens.registry import register
 from convlens.targets import Predicted, Target, resolve_targets, score_rows
@@ -529,7 +529,6 @@ class _MaxPoolDelta(torch.autograd.Function):
 def deeplift_context(module: nn.Module) -> Iterator[None]:
     """Rescale multipliers on every rectifier and max pooling of ``module`` while the block
     runs it on a batch [inputs; references]."""
-    from convlens.hooks import replace_rectifiers
 
     def hook(pool: nn.Module, args: Any, out: Tensor) -> Tensor:
         return _MaxPoolDelta.apply(args[0], out, pool)

@@ -33,9 +33,8 @@ from convlens.targets import (
     Target,
     TargetSpec,
     check_target_spec,
-    probability_scores,
     resolve_targets,
-    score_rows,
+    scorer,
 )
 
 __all__ = ["Curve", "RegionPerturbation", "deletion", "insertion", "region_perturbation"]
@@ -108,14 +107,6 @@ def _prepare(
     return wrapped, inputs, heat, check_target_spec(target, len(inputs), wrapped.labels)
 
 
-def _scorer(score: str):
-    if score == "probability":
-        return probability_scores
-    if score == "logit":
-        return score_rows
-    raise ValueError(f"score must be 'probability' or 'logit', not {score!r}")
-
-
 def _curves(
     model: Model,
     inputs: Tensor,
@@ -131,7 +122,7 @@ def _curves(
 ) -> tuple[Tensor, list[Target], int]:
     """Scores (B, K): at step k, pixels of rank < ``counts[k]`` show ``destination``, the rest
     ``source``. Ranks (B, H, W) order the pixels; all images are built chunk by chunk."""
-    scorer = _scorer(score)
+    score_of = scorer(score)
     module = model.module
     with freed_memory_kept(), frozen(module):
         engine = Engine(batch_size or default_batch_size(16), progress, name)
@@ -151,7 +142,7 @@ def _curves(
 
                 rows.append(
                     engine.scores(
-                        k, perturbed, lambda out, t=target: scorer(t, out).float(), module
+                        k, perturbed, lambda out, t=target: score_of(t, out).float(), module
                     )
                 )
     return torch.stack(rows).cpu(), targets, engine.forwards
