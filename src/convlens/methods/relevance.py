@@ -83,15 +83,14 @@ class Ledger:
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
-def _params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> dict:
-    """Parameters for ``functional_call``: ``bias`` None means no bias (zeros if the module
-    has one); a bias may also be given to a module built without one (a merged BatchNorm)."""
-    params = {"weight": weight}
-    if bias is not None:
-        params["bias"] = bias
-    elif getattr(module, "bias", None) is not None:
-        params["bias"] = torch.zeros_like(module.bias)
-    return params
+def _affine(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's own forward with the given parameters (bias None: none). Through the layer's
+    forward, padding modes, strides, groups and static padding (EfficientNet) are its own."""
+    return functional_call(module, {"weight": weight, "bias": bias}, (x,))
+
+
+def _non_negative(x: Tensor) -> bool:
+    return bool(x.amin() >= 0)
 
 
 def redistribute(
@@ -110,58 +109,56 @@ def redistribute(
     are under the epsilon rule.
     """
 
-    def run(inputs: Tensor, params: dict | None = None) -> Tensor:
-        return module(inputs) if params is None else functional_call(module, params, (inputs,))
-
     def leaf(t: Tensor) -> Tensor:
         return t.detach().requires_grad_(True)
+
+    def share(z: Tensor, leaves: list[Tensor], signal: Tensor) -> Tensor:
+        grads = torch.autograd.grad(z, leaves, signal)
+        total = leaves[0].detach() * grads[0]
+        for t, g in zip(leaves[1:], grads[1:], strict=True):
+            total = total.addcmul_(t.detach(), g)
+        return total
 
     ledger.inside = True
     try:
         with torch.enable_grad():
             if weight is None or rule.name == "epsilon":
                 xs = leaf(x)
-                z = run(xs) if weight is None else run(xs, _params(module, weight, bias))
-                (c,) = torch.autograd.grad(z, xs, relevance / _stabilise(z, rule.epsilon))
-                return xs.detach() * c
-            positive, negative = weight.clamp(min=0), weight.clamp(max=0)
+                z = module(xs) if weight is None else _affine(module, xs, weight, bias)
+                return share(z, [xs], relevance / _stabilise(z, rule.epsilon))
             if rule.name == "gamma":
-                return _gamma(module, rule, x, relevance, run, leaf, weight, bias)
+                return _gamma(module, rule, x, relevance, leaf, weight, bias)
+            positive, negative = weight.clamp(min=0), weight.clamp(max=0)
             if rule.name in ("zplus", "alpha_beta"):
                 # contributions x w of one sign: w+ on positive inputs with w- on negative ones
                 # (positive), w- on positive inputs with w+ on negative ones (negative); inputs
-                # that are all non-negative (after a rectifier) need only the first term
-                parts = [leaf(x.clamp(min=0))]
-                if bool((x < 0).any()):
-                    parts.append(leaf(x.clamp(max=0)))
+                # that are all non-negative (after a rectifier) need only the first term. Both
+                # sums have one sign, so the stabiliser is a plain +-epsilon.
+                parts = (
+                    [leaf(x)] if _non_negative(x) else [leaf(x.clamp(min=0)), leaf(x.clamp(max=0))]
+                )
 
-                def contributions(first: Tensor, second: Tensor) -> Tensor:
-                    z = run(parts[0], _params(module, first, None))
-                    return z + run(parts[1], _params(module, second, None)) if len(parts) > 1 else z
+                def one_sign(first: Tensor, second: Tensor) -> Tensor:
+                    z = _affine(module, parts[0], first, None)
+                    return z + _affine(module, parts[1], second, None) if len(parts) > 1 else z
 
-                def share(z: Tensor) -> Tensor:
-                    grads = torch.autograd.grad(z, parts, relevance / _stabilise(z, rule.epsilon))
-                    return sum(t.detach() * g for t, g in zip(parts, grads, strict=True))
-
-                r = share(contributions(positive, negative))
+                z = one_sign(positive, negative)
+                r = share(z, parts, relevance / (z + rule.epsilon))
                 if rule.name == "zplus":
                     return r
-                negative_part = share(contributions(negative, positive) - 1e-12)
-                return rule.alpha * r - rule.beta * negative_part
+                z = one_sign(negative, positive)
+                return rule.alpha * r - rule.beta * share(z, parts, relevance / (z - rule.epsilon))
             if rule.name == "zbox":
                 xs, low, high = leaf(x), leaf(_bound(rule.low, x)), leaf(_bound(rule.high, x))
                 z = (
-                    run(xs, _params(module, weight, None))
-                    - run(low, _params(module, positive, None))
-                    - run(high, _params(module, negative, None))
+                    _affine(module, xs, weight, None)
+                    - _affine(module, low, positive, None)
+                    - _affine(module, high, negative, None)
                 )
-                grads = torch.autograd.grad(
-                    z, (xs, low, high), relevance / _stabilise(z, rule.epsilon)
-                )
-                return sum(t.detach() * g for t, g in zip((xs, low, high), grads, strict=True))
+                return share(z, [xs, low, high], relevance / _stabilise(z, rule.epsilon))
             if rule.name == "flat":
                 ones = leaf(torch.ones_like(x))
-                z = run(ones, _params(module, torch.ones_like(weight), None))
+                z = _affine(module, ones, torch.ones_like(weight), None)
                 (c,) = torch.autograd.grad(z, ones, relevance / _stabilise(z, rule.epsilon))
                 return c
             raise ValueError(f"unknown LRP rule {rule.name!r}")
@@ -174,7 +171,6 @@ def _gamma(
     rule: Rule,
     x: Tensor,
     relevance: Tensor,
-    run: Callable,
     leaf: Callable,
     weight: Tensor,
     bias: Tensor | None,
@@ -186,15 +182,15 @@ def _gamma(
     g = rule.gamma
     positive, negative = weight.clamp(min=0), weight.clamp(max=0)
     with torch.no_grad():
-        upward = run(x, _params(module, weight, bias)) >= 0
+        upward = _affine(module, x, weight, bias) >= 0
     xp, xn = leaf(x.clamp(min=0)), leaf(x.clamp(max=0))
     total = [torch.zeros_like(x), torch.zeros_like(x)]
     for mask, favoured, other, b in (
         (upward, positive, negative, None if bias is None else bias + g * bias.clamp(min=0)),
         (~upward, negative, positive, None if bias is None else bias + g * bias.clamp(max=0)),
     ):
-        z = run(xp, _params(module, weight + g * favoured, b)) + run(
-            xn, _params(module, weight + g * other, None)
+        z = _affine(module, xp, weight + g * favoured, b) + _affine(
+            module, xn, weight + g * other, None
         )
         signal = torch.where(mask, relevance / _stabilise(z, rule.epsilon), 0.0)
         cp, cn = torch.autograd.grad(z, (xp, xn), signal)
