@@ -91,6 +91,18 @@ def test_top_patches_report_recomputable_maxima():
         features.top_patches(model, x, layer="conv2", channel=99)
 
 
+def test_channel_contributions_split_the_logit_of_a_gap_linear_network(shapes_model):
+    """For GAP + linear (Zhou et al. 2016): the contributions sum to logit - bias, per image."""
+    x = shapes(3, seed=4).images
+    for target in range(4):
+        parts = cl.features.channel_contributions(shapes_model, x, target)
+        assert parts.shape == (3, 64)
+        with torch.no_grad():
+            logits = shapes_model.module(x)[:, target]
+        bias = shapes_model.module.classifier.bias[target]
+        torch.testing.assert_close(parts.sum(1) + bias, logits, rtol=1e-5, atol=1e-5)
+
+
 def test_filters_and_activations_pictures():
     model, x = tiny(), tiny_input(1)
     first = features.filters(model)

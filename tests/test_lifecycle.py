@@ -193,6 +193,7 @@ USERS_OF_THE_MODEL = {
     "sanity": lambda m, x: cl.metrics.sanity(m, x[:2], "saliency"),
     "activations": lambda m, x: cl.features.activations(m, x[:1], "conv1"),
     "top_patches": lambda m, x: cl.features.top_patches(m, x, "conv1", channel=1, k=2),
+    "channel_contributions": lambda m, x: cl.features.channel_contributions(m, x, 1, "conv2"),
     "receptive_field": lambda m, x: cl.features.receptive_field(m, "conv1", (8, 8)),
     "class_model": lambda m, x: cl.features.class_model(m, 1, steps=3, size=(8, 8), jitter=1),
     "deep_dream": lambda m, x: cl.features.deep_dream(m, x[:1], "conv1", octaves=1, steps=2),

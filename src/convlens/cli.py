@@ -5,20 +5,20 @@ convlens explain --samples --methods all --out demo-output
 convlens methods
 convlens evaluate --methods all --out evaluation
 convlens features class-model --target 281 --out features/
+convlens train photos/ --out skin.pt && convlens explain x.jpg --model skin.pt --methods all
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import html
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from convlens.files import write_atomic
 
 __all__ = ["main"]
 
@@ -82,126 +82,48 @@ def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
     return per_method
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _safe_stem(name: str) -> str:
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem)
-    return stem or "image"
-
-
-def _index_html(results: list[dict[str, Any]], methods: Sequence[str]) -> str:
-    """A plain page: one row per image, one picture per method."""
-    rows = []
-    for result in results:
-        cells = [f"<th>{html.escape(result['image'])}<br>{html.escape(result['label'])}</th>"]
-        for name in methods:
-            entry = result["methods"].get(name)
-            if entry is None:
-                cells.append("<td>failed</td>")
-                continue
-            pictures = [entry["file"]] + ([entry["superpixels"]] if "superpixels" in entry else [])
-            images = "".join(
-                f'<img src="{html.escape(file)}" width="224" height="224" '
-                f'alt="{html.escape(name)}"><br>'
-                for file in pictures
-            )
-            cells.append(
-                f"<td>{images}{html.escape(name)} "
-                f"({entry['seconds']:.2f} s, {entry['forwards']} forwards)</td>"
-            )
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in methods)
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>convlens</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:4px;text-align:center;"
-        "font-size:12px;vertical-align:top}</style></head><body><h1>convlens explanations</h1>"
-        f"<table><tr><th>image</th>{head}</tr>{''.join(rows)}</table></body></html>\n"
-    )
-
-
 def _explain(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import convlens as cl
-    from convlens.images import ImageError
+    from convlens import report
 
     methods = _parse_methods(args.methods)
     params = _parse_params(args.param, methods)
     target = _parse_target(args.target)
     if not args.images and not args.samples:
         raise UsageError("give image files, or --samples for the bundled photos")
+    if args.curve_steps < 2:
+        raise UsageError("--curve-steps must be at least 2")
     model = cl.load_model(args.model)
-    images: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
+    sources: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
     if args.samples:
-        images += list(cl.sample_images().items())
-
+        sources += list(cl.sample_images().items())
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, failures = [], 0
-    bar = tqdm(total=len(images) * len(methods), desc="explain", unit="map", delay=1.0)
-    for name, source in images:
-        try:
-            x = model.inputs(source)
-        except (ImageError, FileNotFoundError, ValueError, TypeError) as error:
-            print(f"convlens: skipping {name}: {error}", file=sys.stderr)
-            failures += 1
-            bar.update(len(methods))
-            continue
-        stem = _safe_stem(name)
-        probabilities = model.predict(x)[0]
-        top = int(probabilities.argmax())
-        result: dict[str, Any] = {
-            "image": name,
-            "prediction": top,
-            "label": model.label(top),
-            "probability": float(probabilities[top]),
-            "methods": {},
-        }
-        for method in methods:
-            bar.set_postfix_str(f"{stem}: {method}")
-            explanation = cl.explain(
-                model,
-                x,
-                method=method,
-                target=target,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                progress=False,
-                **params[method],
-            )
-            filename = f"{stem}_{method}.png"
-            explanation.save(out / filename)
-            summary = explanation.summary()
-            entry: dict[str, Any] = {}
-            if "superpixels" in explanation.extras or "anchor" in explanation.extras:
-                entry["superpixels"] = f"{stem}_{method}_superpixels.png"
-                explanation.superpixels().save(out / entry["superpixels"])
-            result["methods"][method] = entry | {
-                "file": filename,
-                "target": summary["targets"][0],
-                "label": summary["labels"][0],
-                "seconds": summary["seconds"],
-                "forwards": summary["forwards"],
-                "params": summary["params"],
-                "extras": summary["extras"],
-            }
-            bar.update(1)
-        results.append(result)
-    bar.close()
-    document = {"model": model.name, "methods": methods, "images": results}
-    _write_atomic(out / "results.json", json.dumps(document, indent=2).encode())
-    _write_atomic(out / "index.html", _index_html(results, methods).encode())
-    print(f"wrote {len(results)} image(s) x {len(methods)} method(s) to {out}/")
-    return 1 if failures else 0
+    document = report.explain_images(
+        model, sources, methods, out, params=params, target=target,
+        batch_size=args.batch_size, seed=args.seed, curve_steps=args.curve_steps,
+        features=args.features, feature_steps=args.feature_steps,
+        log=lambda text: tqdm.write(text, file=sys.stderr),
+    )  # fmt: skip
+    page = report.write(out, document)
+    print(
+        f"wrote {len(document['images'])} image(s) x {len(methods)} method(s): {page}"
+        + (f" ({len(document['skipped'])} skipped)" if document["skipped"] else "")
+    )
+    return 1 if document["skipped"] else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from convlens.train import train
+
+    train(
+        args.data_dir, args.out, epochs=args.epochs, freeze_backbone=not args.fine_tune_all,
+        val_fraction=args.val_fraction, batch_size=args.batch_size, lr=args.lr,
+        augment=not args.no_augment, balance=not args.no_class_weights,
+        image_size=args.image_size, seed=args.seed,
+    )  # fmt: skip
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -239,8 +161,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         "accuracy": accuracy,
         "rows": rows,
     }
-    _write_atomic(out / "evaluation.json", json.dumps(document, indent=2).encode())
-    _write_atomic(out / "evaluation.md", (table + "\n").encode())
+    write_atomic(out / "evaluation.json", json.dumps(document, indent=2).encode())
+    write_atomic(out / "evaluation.md", (table + "\n").encode())
     print(f"wrote {out}/evaluation.md and {out}/evaluation.json", file=sys.stderr)
     return 0
 
@@ -317,7 +239,7 @@ def _features(args: argparse.Namespace) -> int:
     picture = out / f"{kind}.png"
     result.save(str(picture))
     summary = {"kind": kind, "model": model.name, **result.info}
-    _write_atomic(out / f"{kind}.json", json.dumps(summary, indent=2, default=str).encode())
+    write_atomic(out / f"{kind}.json", json.dumps(summary, indent=2, default=str).encode())
     print(f"wrote {picture} and {out / (kind + '.json')}")
     return 0
 
@@ -356,7 +278,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method parameter: steps=32 (every selected method that takes it) or "
         "rise.n_masks=1000 (one method)",
     )
+    explain.add_argument(
+        "--features", action="store_true",
+        help="add indirect explanations of each predicted class (class model, top patches)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--curve-steps", type=int, default=20, help="steps of the deletion/insertion curves"
+    )
+    explain.add_argument(
+        "--feature-steps", type=int, default=256, help="optimisation steps of class model images"
+    )
     explain.set_defaults(run=_explain)
+
+    trainer = commands.add_parser(
+        "train", help="fine-tune the bundled EfficientNet-Lite0 on an image folder"
+    )
+    trainer.add_argument("data_dir", help="folder with one sub-folder of images per class")
+    trainer.add_argument("--out", default="model.pt", help="checkpoint to write")
+    trainer.add_argument("--epochs", type=int, default=8)
+    trainer.add_argument("--batch-size", type=int, default=16)
+    trainer.add_argument("--lr", type=float, default=3e-3, help="learning rate of the head")
+    trainer.add_argument("--val-fraction", type=float, default=0.2, help="share per class")
+    trainer.add_argument("--image-size", type=int, default=224, help="input side in pixels")
+    trainer.add_argument(
+        "--fine-tune-all", action="store_true",
+        help="also train the backbone (at lr/10); default: only the new head",
+    )  # fmt: skip
+    trainer.add_argument("--no-augment", action="store_true", help="no random crops/flips")
+    trainer.add_argument(
+        "--no-class-weights", action="store_true", help="do not weight classes by frequency"
+    )
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
         "evaluate", help="score methods on synthetic images with known answers"

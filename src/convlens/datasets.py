@@ -7,13 +7,17 @@ else, so a faithful explanation must point at the object, whose box and mask are
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-__all__ = ["SHAPES", "Shapes", "shapes"]
+__all__ = ["SHAPES", "Shapes", "shapes", "shapes_folder"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -95,3 +99,28 @@ def shapes(n: int, size: int = 64, seed: int = 0, min_side: int = 14, max_side: 
         torch.from_numpy(boxes),
         torch.from_numpy(masks),
     )
+
+
+def shapes_folder(
+    root: str | os.PathLike,
+    counts: int | Mapping[str, int] = 40,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """An image-folder data set (one sub-folder of PNG files per class) of :func:`shapes`
+    images: ``counts`` images per class, or ``{class: count}`` for some of the classes (an
+    unbalanced folder). For ``convlens train`` and its tests; the answer is known."""
+    wanted = dict.fromkeys(SHAPES[:3], counts) if isinstance(counts, int) else dict(counts)
+    unknown = set(wanted) - set(SHAPES)
+    if unknown:
+        raise ValueError(f"unknown shape classes {sorted(unknown)}; known: {', '.join(SHAPES)}")
+    data = shapes(len(SHAPES) * max(wanted.values()), size=size, seed=seed)
+    root = Path(root)
+    for name, count in wanted.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = (data.labels == SHAPES.index(name)).nonzero().flatten()[:count]
+        for k, i in enumerate(rows.tolist()):
+            pixels = (data.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{name}_{k:04d}.png")
+    return root

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from convlens import viz
+from convlens.files import save_picture, save_torch
 
 __all__ = ["REDUCTIONS", "Explanation"]
 
@@ -120,7 +121,7 @@ class Explanation:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".pt":
-            torch.save(
+            save_torch(
                 {
                     "attribution": self.attribution,
                     "inputs": self.inputs,
@@ -131,7 +132,7 @@ class Explanation:
         elif path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             pictures = [self.overlay(i) for i in range(self.attribution.shape[0])]
             picture = pictures[0] if len(pictures) == 1 else viz.grid(pictures, columns=4)
-            picture.save(path)
+            save_picture(picture, path)
         else:
             raise ValueError(f"cannot save to {path.name}: use .png, .jpg or .pt")
         return path

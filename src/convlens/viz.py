@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "colorize",
+    "confusion_plot",
     "curve_plot",
     "grid",
     "normalize",
@@ -184,4 +185,30 @@ def curve_plot(
     if 1 < len(series) <= 10:
         axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
+    return figure_image(figure)
+
+
+def confusion_plot(
+    matrix: torch.Tensor | np.ndarray, classes: Sequence[str], title: str = ""
+) -> Image.Image:
+    """A confusion matrix (rows: true class, columns: predicted) with counts in the cells and
+    each class's accuracy (recall) beside its name, as a PIL image."""
+    from matplotlib import pyplot as plt
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    totals = counts.sum(1)
+    accuracy = np.divide(np.diag(counts), totals, out=np.zeros(len(counts)), where=totals > 0)
+    side = 1.6 + 0.55 * len(classes)
+    figure, axes = plt.subplots(figsize=(side + 1.6, side))
+    axes.imshow(counts / np.maximum(totals[:, None], 1), cmap="Blues", vmin=0, vmax=1)
+    for (row, col), value in np.ndenumerate(counts):
+        shade = "white" if value > 0.6 * max(totals[row], 1) else "black"
+        axes.text(col, row, str(value), ha="center", va="center", color=shade, fontsize=9)
+    ticks = np.arange(len(classes))
+    axes.set_xticks(ticks, [str(c) for c in classes], rotation=45, ha="right", fontsize=8)
+    rows = [f"{c} ({a:.0%}, n={n})" for c, a, n in zip(classes, accuracy, totals, strict=True)]
+    axes.set_yticks(ticks, rows, fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true class (accuracy)")
+    axes.set_title(title, fontsize=10)
     return figure_image(figure)

@@ -23,6 +23,7 @@ __all__ = [
     "efficientnet_lite0",
     "from_checkpoint",
     "imagenet_labels",
+    "lite0_transfer",
     "shapes_cnn",
 ]
 
@@ -71,6 +72,27 @@ def efficientnet_lite0() -> Model:
         cam_layer=HEAD_LAYER,
         crop=0.875,
         name="efficientnet-lite0",
+    )
+
+
+def lite0_transfer(
+    labels: list[str], input_size: tuple[int, int] = (224, 224), name: str = "efficientnet-lite0"
+) -> Model:
+    """EfficientNet-Lite0 with its ImageNet features and a new, freshly initialised linear head
+    for ``labels``: the starting point of transfer learning (``convlens train``)."""
+    module = _architecture("efficientnet-lite0", len(labels))
+    backbone = {k: v for k, v in _lite0_weights().items() if not k.startswith("_fc.")}
+    missing, unexpected = module.load_state_dict(backbone, strict=False)
+    assert not unexpected and all(k.startswith("_fc.") for k in missing), (missing, unexpected)
+    return Model(
+        module,
+        input_size=input_size,
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        labels=list(labels),
+        cam_layer=HEAD_LAYER,
+        crop=0.875,
+        name=name,
     )
 
 

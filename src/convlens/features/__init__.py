@@ -9,7 +9,7 @@ picture): :func:`filters`, :func:`activations`, :func:`top_patches` (with
 from convlens.features.common import Features
 from convlens.features.dissect import dissect
 from convlens.features.embedding import embed, neighbours, tsne
-from convlens.features.maps import activations, filters
+from convlens.features.maps import activations, channel_contributions, filters
 from convlens.features.patches import ReceptiveField, receptive_field, top_patches
 from convlens.features.synthesis import class_model, deep_dream
 
@@ -17,6 +17,7 @@ __all__ = [
     "Features",
     "ReceptiveField",
     "activations",
+    "channel_contributions",
     "class_model",
     "deep_dream",
     "dissect",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from convlens.engine import Engine, default_batch_size, freed_memory_kept
+from convlens.files import save_picture
 from convlens.hooks import capture, frozen
 from convlens.model import Model, as_model
 
@@ -35,8 +37,8 @@ class Features:
     image: Image.Image
     info: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, path: str) -> None:
-        self.image.save(path)
+    def save(self, path: str | os.PathLike) -> None:
+        save_picture(self.image, path)
 
 
 def resolve_layer(model: Model, layer: str | nn.Module | None, default: str = "conv") -> str:

@@ -13,9 +13,10 @@ from torch import nn
 
 from convlens import viz
 from convlens.features.common import Features, gray_tiles, layer_outputs, resolve_layer
+from convlens.hooks import capture, frozen
 from convlens.model import Model, as_model
 
-__all__ = ["activations", "filters"]
+__all__ = ["activations", "channel_contributions", "filters"]
 
 
 def filters(
@@ -75,3 +76,20 @@ def activations(
     picture = gray_tiles(maps[shown], columns=8, cell=64, titles=titles)
     info = {"layer": name, "shape": list(maps.shape), "strongest": shown[:8].tolist()}
     return Features("activations", {"activations": maps, "order": order}, picture, info)
+
+
+def channel_contributions(
+    model: Model | nn.Module, x: Any, target: int, layer: str | nn.Module | None = None
+) -> torch.Tensor:
+    """How much each channel of ``layer`` (the CAM layer by default) contributes to the class
+    score ``target``: activation x gradient summed over space, (B, C). For a network ending in
+    global average pooling and a linear layer this is exactly w_kc * GAP(A_k), the class score
+    split by channel (Zhou et al. 2016); otherwise its first-order (Taylor) estimate."""
+    wrapped = as_model(model)
+    module = wrapped.layer(resolve_layer(wrapped, layer))
+    inputs = wrapped.inputs(x).requires_grad_(True)
+    with frozen(wrapped.module), capture({0: module}) as seen, torch.enable_grad():
+        score = wrapped.module(inputs)[:, target].sum()
+        (gradient,) = torch.autograd.grad(score, seen[0])
+        activation = seen[0].detach()
+    return (activation * gradient).flatten(2).sum(2).cpu()

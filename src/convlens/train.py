@@ -1,0 +1,341 @@
+"""Transfer learning on an image folder (``convlens train DATA_DIR --out model.pt``).
+
+The bundled EfficientNet-Lite0 keeps its ImageNet features and gets a new linear head for the
+folder's classes (Yosinski et al. 2014, "How transferable are features in deep neural
+networks?", NeurIPS; Kornblith, Shlens & Le 2019, "Do Better ImageNet Models Transfer
+Better?", CVPR). By default only the head learns (the backbone is frozen); with
+``freeze_backbone=False`` the whole network is fine-tuned, the backbone at a tenth of the
+learning rate. BatchNorm statistics stay ImageNet's (eval mode) in both cases, as is usual for
+small folders.
+
+The layout is one sub-folder per class. A stratified split keeps ``val_fraction`` of every
+class for validation; the weights of the best validation epoch are kept. Training images are
+augmented with random resized crops, horizontal flips and brightness/contrast jitter; classes
+are weighted by inverse frequency in the loss when the folder is unbalanced. The checkpoint
+(weights, labels, preprocessing, history) loads with ``cl.load_model(path)`` under
+``weights_only=True``; a confusion-matrix picture with per-class accuracy is written beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from convlens import viz
+from convlens.files import save_picture, save_torch
+from convlens.images import ImageError, load_image
+from convlens.model import CHECKPOINT_FORMAT, Model
+
+__all__ = ["IMAGE_SUFFIXES", "Folder", "TrainResult", "scan_folder", "stratified_split", "train"]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+@dataclass(frozen=True)
+class Folder:
+    """An image-folder data set: class names (sorted sub-folder names), files and labels."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: list[int]
+
+
+def scan_folder(root: str | os.PathLike) -> Folder:
+    """The classes and image files of ``root`` (one sub-folder per class, searched
+    recursively; hidden folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(
+            f"{root} needs one sub-folder per class (at least two); found {len(classes)}"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        found = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            raise ValueError(
+                f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        files += found
+        labels += [index] * len(found)
+    return Folder(root, classes, files, labels)
+
+
+def stratified_split(
+    labels: list[int], val_fraction: float, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Train and validation indices: ``val_fraction`` of each class (at least one image of a
+    class with two or more) goes to validation, chosen by ``seed``."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train_rows: list[int] = []
+    val_rows: list[int] = []
+    for label in sorted(set(labels)):
+        rows = [i for i, y in enumerate(labels) if y == label]
+        rng.shuffle(rows)
+        n_val = 0 if val_fraction == 0 or len(rows) < 2 else max(1, round(len(rows) * val_fraction))
+        val_rows += rows[:n_val]
+        train_rows += rows[n_val:]
+    return sorted(train_rows), sorted(val_rows)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` produced: the model (best validation epoch), the files it wrote, one
+    dict per epoch in ``history``, and the validation confusion matrix (rows: true class)."""
+
+    model: Model
+    checkpoint: Path
+    confusion_picture: Path
+    history: list[dict[str, float]]
+    confusion: Tensor
+    val_accuracy: float
+    per_class_accuracy: list[float]
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
+def _square(model: Model, side: int) -> Callable[[Any], Tensor]:
+    """Images as uint8 (3, side, side): shorter side resized to ``side``, centre crop."""
+    square = Model(model.module, input_size=(side, side), crop=1.0)
+    return lambda picture: (square.preprocess(picture)[0] * 255).round().to(torch.uint8)
+
+
+def _augment(batch: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Random resized crop (area 50-100%, aspect 3/4-4/3), horizontal flip, brightness and
+    contrast in [0.8, 1.2]; ``batch`` is uint8 (B, 3, S, S), the result float in [0, 1]."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    side = batch.shape[-1]
+    crops = []
+    for picture in batch.float() / 255.0:
+        area = side * side * uniform(0.5, 1.0)
+        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(side, round(math.sqrt(area * ratio)))
+        h = min(side, round(math.sqrt(area / ratio)))
+        top = int(torch.randint(0, side - h + 1, (), generator=generator))
+        left = int(torch.randint(0, side - w + 1, (), generator=generator))
+        crop = picture[None, :, top : top + h, left : left + w]
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=h > size)
+        if torch.rand((), generator=generator) < 0.5:
+            crop = crop.flip(-1)
+        mean = crop.mean()
+        crop = (crop - mean) * uniform(0.8, 1.2) + mean
+        crops.append((crop * uniform(0.8, 1.2)).clamp(0, 1))
+    return torch.cat(crops)
+
+
+def _centre(batch: Tensor, size: int) -> Tensor:
+    side = batch.shape[-1]
+    start = (side - size) // 2
+    return batch[..., start : start + size, start : start + size].float() / 255.0
+
+
+def _confusion(predicted: Tensor, truth: Tensor, k: int) -> Tensor:
+    return torch.bincount(truth * k + predicted, minlength=k * k).view(k, k)
+
+
+def train(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike = "model.pt",
+    *,
+    epochs: int = 8,
+    freeze_backbone: bool = True,
+    val_fraction: float = 0.2,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    augment: bool = True,
+    balance: bool = True,
+    image_size: int = 224,
+    seed: int = 0,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Fine-tune the bundled EfficientNet-Lite0 on ``data_dir`` and save a checkpoint to ``out``.
+
+    Unreadable images are reported through ``log`` and skipped. ``balance`` weights the loss
+    by inverse class frequency. Returns a :class:`TrainResult`; the confusion matrix picture
+    is ``<out stem>_confusion.png``.
+    """
+    from tqdm.auto import tqdm
+
+    from convlens import zoo
+
+    if epochs < 1 or batch_size < 1 or image_size < 32:
+        raise ValueError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
+    say = log or (lambda text: print(text, file=sys.stderr))
+    started = time.perf_counter()
+    folder = scan_folder(data_dir)
+    out = Path(out)
+    model = zoo.lite0_transfer(folder.classes, (image_size, image_size), name=folder.root.name)
+    module = model.module
+    side = round(image_size / model.crop)
+    square = _square(model, side)
+
+    pictures, labels, skipped = [], [], []
+    for path, label in zip(folder.files, folder.labels, strict=True):
+        try:
+            pictures.append(square(load_image(path)))
+            labels.append(label)
+        except (ImageError, OSError, ValueError) as error:
+            skipped.append((str(path), str(error).splitlines()[0]))
+            say(f"convlens: skipping {path}: {skipped[-1][1]}")
+    if len(set(labels)) < len(folder.classes):
+        raise ValueError("every class needs at least one readable image")
+    data, targets = torch.stack(pictures), torch.tensor(labels)
+    train_rows, val_rows = stratified_split(labels, val_fraction, seed)
+    k = len(folder.classes)
+    counts = torch.bincount(targets[train_rows], minlength=k).double()
+    weights = (counts.sum() / (k * counts.clamp(min=1))).float() if balance else None
+    say(
+        f"{len(labels)} images of {k} classes ({', '.join(folder.classes)}): "
+        f"{len(train_rows)} to train, {len(val_rows)} to validate"
+        + (f"; class weights {[round(w, 2) for w in weights.tolist()]}" if balance else "")
+    )
+
+    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.std).view(1, 3, 1, 1)
+    head = list(module._fc.parameters())
+    backbone = [p for n, p in module.named_parameters() if not n.startswith("_fc.")]
+    for parameter in backbone:
+        parameter.requires_grad_(not freeze_backbone)
+    groups = [{"params": head, "lr": lr}]
+    if not freeze_backbone:
+        groups.append({"params": backbone, "lr": lr / 10})
+    optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(train_rows) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    module.eval()  # BatchNorm keeps ImageNet's statistics; no dropout
+
+    def evaluate(rows: list[int]) -> tuple[Tensor, float]:
+        predicted, loss = [], 0.0
+        with torch.no_grad():
+            for start in range(0, len(rows), 32):
+                chunk = rows[start : start + 32]
+                logits = module((_centre(data[chunk], image_size) - mean) / std)
+                loss += float(
+                    F.cross_entropy(logits, targets[chunk], weight=weights, reduction="sum")
+                )
+                predicted.append(logits.argmax(1))
+        return torch.cat(predicted), loss / max(len(rows), 1)
+
+    history: list[dict[str, float]] = []
+    best: tuple[float, float] = (-1.0, 0.0)
+    best_state: dict[str, Tensor] = {}
+    chosen = val_rows or train_rows
+    for epoch in range(1, epochs + 1):
+        tic = time.perf_counter()
+        order = torch.randperm(len(train_rows), generator=generator).tolist()
+        seen, correct, total_loss = 0, 0, 0.0
+        batches = range(0, len(order), batch_size)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            disable=progress is False,
+            leave=False,
+        )
+        for start in bar:
+            rows = [train_rows[i] for i in order[start : start + batch_size]]
+            x = (
+                _augment(data[rows], image_size, generator)
+                if augment
+                else _centre(data[rows], image_size)
+            )
+            logits = module((x - mean) / std)
+            loss = F.cross_entropy(logits, targets[rows], weight=weights)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            seen += len(rows)
+            correct += int((logits.argmax(1) == targets[rows]).sum())
+            total_loss += float(loss.detach()) * len(rows)
+        predicted, val_loss = evaluate(chosen)
+        accuracy = float((predicted == targets[chosen]).float().mean())
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total_loss / seen,
+                "train_accuracy": correct / seen,
+                "val_loss": val_loss,
+                "val_accuracy": accuracy,
+                "seconds": time.perf_counter() - tic,
+            }
+        )
+        say(
+            f"epoch {epoch}/{epochs}: loss {total_loss / seen:.3f}, train accuracy "
+            f"{correct / seen:.3f}, validation accuracy {accuracy:.3f} "
+            f"({time.perf_counter() - tic:.1f} s)"
+        )
+        if (accuracy, -val_loss) > best:
+            best = (accuracy, -val_loss)
+            best_state = copy.deepcopy(module.state_dict())
+
+    module.load_state_dict(best_state)
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    predicted, _ = evaluate(chosen)
+    confusion = _confusion(predicted, targets[chosen], k)
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    val_accuracy = float(confusion.diag().sum() / confusion.sum())
+    seconds = time.perf_counter() - started
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": "efficientnet-lite0",
+        "name": model.name,
+        "state_dict": module.state_dict(),
+        "labels": list(folder.classes),
+        "input_size": [image_size, image_size],
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "crop": model.crop,
+        "cam_layer": model.cam_layer,
+        "training": {
+            "data_dir": str(folder.root),
+            "epochs": epochs,
+            "freeze_backbone": freeze_backbone,
+            "seed": seed,
+            "class_weights": weights.tolist() if weights is not None else None,
+            "history": history,
+            "confusion": confusion.tolist(),
+            "val_accuracy": val_accuracy,
+            "per_class_accuracy": per_class,
+            "validated_on": "validation split" if val_rows else "training images (no split)",
+            "seconds": seconds,
+        },
+    }
+    save_torch(checkpoint, out)
+    picture = out.with_name(f"{out.stem}_confusion.png")
+    title = f"{model.name}: validation accuracy {val_accuracy:.1%}"
+    save_picture(viz.confusion_plot(confusion, folder.classes, title), picture)
+    say(f"validation accuracy {val_accuracy:.3f}; wrote {out} and {picture} ({seconds:.0f} s)")
+    return TrainResult(
+        model, out, picture, history, confusion, val_accuracy, per_class, skipped, seconds
+    )
