@@ -145,20 +145,12 @@ class Chromium:
                 found.append(str(params["entry"]))
         return found
 
-    def screenshot(self, path: str | os.PathLike, full_page: bool = True) -> Path:
-        params: dict[str, Any] = {"format": "png"}
-        if full_page:
-            size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-            params |= {
-                "captureBeyondViewport": True,
-                "clip": {
-                    "x": 0,
-                    "y": 0,
-                    "width": size["width"],
-                    "height": size["height"],
-                    "scale": 1,
-                },
-            }
+    def screenshot(self, path: str | os.PathLike, max_height: float | None = None) -> Path:
+        """The whole page (or its top ``max_height`` CSS pixels) as a PNG file."""
+        size = self.call("Page.getLayoutMetrics")["cssContentSize"]
+        height = size["height"] if max_height is None else min(size["height"], max_height)
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": height, "scale": 1}
+        params = {"format": "png", "captureBeyondViewport": True, "clip": clip}
         data = base64.b64decode(self.call("Page.captureScreenshot", **params)["data"])
         Path(path).write_bytes(data)
         return Path(path)
