@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny, tiny_input
@@ -50,6 +51,20 @@ def test_overlay_shows_the_evidence():
     changed = (picture - 127.5).abs().sum(-1)  # distance from the grey input
     strongest, weakest = heat.argmax(), heat.argmin()
     assert changed.flatten()[strongest] > changed.flatten()[weakest]
+
+
+def test_display_scaling_of_unsigned_and_signed_maps():
+    from convlens.viz import normalize
+
+    ramp = np.linspace(0, 1, 200).reshape(10, 20)
+    scaled, signed = normalize(0.8 + 0.2 * ramp)  # a RISE-like map: all of it far above zero
+    assert not signed and scaled.min() == 0 and scaled.max() == 1  # the full colour range
+    np.testing.assert_allclose(normalize(0.8 + 0.2 * ramp)[0], normalize(ramp)[0])
+    zero_floor, _ = normalize(ramp)  # a map starting at zero keeps its scale: heat / p99.5
+    np.testing.assert_allclose(zero_floor, np.clip(ramp / np.percentile(ramp, 99.5), 0, 1))
+    scaled, signed = normalize(ramp - 0.25)  # signed: symmetric around zero
+    assert signed and scaled.min() < 0 and scaled[0, 0] == pytest.approx(-0.25 / 0.75, rel=1e-2)
+    assert normalize(np.zeros((3, 3)))[0].max() == 0
 
 
 def test_explanation_is_immutable_and_readable(x):

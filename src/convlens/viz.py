@@ -46,20 +46,25 @@ def to_pictures(
 
 
 def normalize(heat: np.ndarray, percentile: float = 99.5) -> tuple[np.ndarray, bool]:
-    """Scale a heat map for display: to [0, 1], or to [-1, 1] when it has signed values.
+    """Scale a heat map for display: to [-1, 1] around zero when it has signed values, else to
+    [0, 1] from its minimum up.
 
     The top ``100 - percentile`` percent are clipped, as Smilkov et al. (2017) do for gradient
-    maps whose range a few pixels would otherwise swallow.
+    maps whose range a few pixels would otherwise swallow. An unsigned map starts at its
+    minimum, as the CAM and RISE papers draw them: RISE's map is the mean score of the masks
+    that keep a pixel, all of it well above zero, and scaled from zero it would be one colour.
     """
     heat = np.nan_to_num(np.asarray(heat, dtype=np.float64))
     signed = bool(heat.min() < 0 < heat.max()) and abs(heat.min()) > 1e-3 * abs(heat.max())
+    if not signed and heat.size:
+        heat = heat - heat.min() if heat.max() > 0 else heat - heat.max()
     scale = np.percentile(np.abs(heat), percentile) if heat.size else 0.0
     if scale <= 0:
         scale = np.abs(heat).max()
     if scale <= 0:
         return np.zeros_like(heat), signed
     scaled = heat / scale
-    return (np.clip(scaled, -1, 1) if signed else np.clip(scaled, 0, 1)), signed
+    return (np.clip(scaled, -1, 1) if signed else np.clip(np.abs(scaled), 0, 1)), signed
 
 
 def colorize(heat: np.ndarray, cmap: str | None = None) -> np.ndarray:
