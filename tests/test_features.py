@@ -50,6 +50,29 @@ def test_receptive_field_of_a_known_stack_is_exact():
         assert not torch.equal(unit(poked), unit(x)), (row, col)
 
 
+class ReusedReLU(nn.Module):
+    """One ReLU module called after the first and after the second convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.act(self.conv1(x))))
+
+
+def test_a_reused_module_has_the_receptive_field_of_its_last_call():
+    """Hooks read a reused module at its last call, so its field is the last call's: conv1
+    then conv2 (3 + 2 = 5 pixels, jump 2), not conv1's 3 pixels (the bundled model reuses its
+    ReLU6 `_swish` at the stem and at the head)."""
+    field = features.receptive_field(ReusedReLU(), "act", input_size=(16, 16))
+    assert field.size == (5, 5) and field.jump == (2, 2) and field.offset == (0, 0)
+    found = features.top_patches(ReusedReLU(), torch.rand(2, 3, 16, 16), "act", k=2)
+    assert all(tuple(p.shape[-2:]) == (5, 5) for p in found.data["patches"])
+
+
 @pytest.mark.slow
 def test_receptive_field_on_the_bundled_model_is_exact(bundled):
     layer = "_blocks.3"

@@ -80,7 +80,8 @@ def receptive_field(
     padding modules a forward pass runs before it (in call order).
 
     Exact for chains of such modules and for residual additions of identity branches (the
-    longest path sets the field); padding or pooling done with ``torch.nn.functional`` calls
+    longest path sets the field); a module called several times (a reused ReLU) is taken at
+    its last call, where the other feature functions read it; padding or pooling done with ``torch.nn.functional`` calls
     inside a ``forward`` is not seen. A global pooling or linear layer before ``layer`` makes the
     field the whole image.
     """
@@ -91,13 +92,9 @@ def receptive_field(
     if size is None:
         raise ValueError("give input_size=(H, W) for a bare nn.Module")
     calls: list[nn.Module] = []
-    done = {"flag": False}
 
     def record(module: nn.Module, _args: Any, _out: Any) -> None:
-        if not done["flag"]:
-            calls.append(module)
-        if module is target:
-            done["flag"] = True
+        calls.append(module)
 
     handles = [m.register_forward_hook(record) for m in wrapped.module.modules()]
     try:
@@ -106,8 +103,11 @@ def receptive_field(
     finally:
         for handle in handles:
             handle.remove()
-    if not done["flag"]:
+    if target not in calls:
         raise ValueError(f"layer {name!r} is not called in the forward pass")
+    # a module called more than once is read at its last call (as ``hooks.capture`` does)
+    last = len(calls) - 1 - calls[::-1].index(target)
+    calls = calls[: last + 1]
     rf, jump, offset = [1, 1], [1, 1], [0, 0]
     for module in calls:
         if isinstance(module, GLOBAL):
