@@ -80,10 +80,10 @@ def receptive_field(
     padding modules a forward pass runs before it (in call order).
 
     Exact for chains of such modules and for residual additions of identity branches (the
-    longest path sets the field); a module called several times (a reused ReLU) is taken at
-    its last call, where the other feature functions read it; padding or pooling done with ``torch.nn.functional`` calls
-    inside a ``forward`` is not seen. A global pooling or linear layer before ``layer`` makes the
-    field the whole image.
+    longest path sets the field). A module called several times (a reused ReLU) is taken at
+    its last call, where the other feature functions read it. Padding or pooling done with
+    ``torch.nn.functional`` calls inside a ``forward`` is not seen. A global pooling or linear
+    layer before ``layer`` makes the field the whole image.
     """
     wrapped = as_model(model)
     name = layer if isinstance(layer, str) else wrapped.layer_name(layer)
