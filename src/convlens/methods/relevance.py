@@ -72,12 +72,25 @@ class Rule:
 class Ledger:
     """Relevance absorbed (per input) by biases and stabilisers, and a re-entrance flag."""
 
+    KEPT = 4  # recent outputs whose sums are kept: the next layer's input is usually one
+
     def __init__(self) -> None:
         self.absorbed: Tensor | None = None
         self.inside = False
+        self._sums: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def add(self, before: Tensor, after: Tensor) -> None:
-        lost = (_per_row(before) - _per_row(after)).detach().double()
+    def add(self, before: Tensor, *after: Tensor) -> None:
+        """Count sum(before) - sum(after) per input. The relevance a layer passes on is usually
+        what the next layer receives: its sum is kept for that layer, not computed twice."""
+        known = self._sums.pop(id(before), None)
+        lost = known[1] if known is not None and known[0] is before else _per_row(before)
+        for t in after:
+            total = _per_row(t)
+            lost = lost - total
+            self._sums[id(t)] = (t, total)
+        while len(self._sums) > self.KEPT:
+            del self._sums[next(iter(self._sums))]
+        lost = lost.detach().double()
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
@@ -109,6 +122,9 @@ class LinearMap:
         self.call = call
         self.padding: Callable[[Tensor], Tensor] | None = None
         self.inputs: torch.Size | None = None
+        # the input's channel dimension where the map may run on inputs stacked along it (with
+        # its weights stacked along dimension 1); None where groups forbid it
+        self.channel_dim: int | None = None
 
     def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> Tensor:
         return self.call(x, weight, bias)
@@ -133,6 +149,7 @@ class _Conv2dMap(LinearMap):
     def __init__(self, stride: Any, padding: Any, dilation: Any, groups: int) -> None:
         super().__init__(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups))
         self.args = (stride, padding, dilation, groups)
+        self.channel_dim = 1 if groups == 1 else None
 
     def transpose(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
         stride, padding, dilation, groups = self.args
@@ -159,6 +176,7 @@ class _PointwiseMap(LinearMap):
 
     def __init__(self) -> None:
         super().__init__(self._product)
+        self.channel_dim = 1
 
     @staticmethod
     def _product(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -182,6 +200,7 @@ class _DenseMap(LinearMap):
 
     def __init__(self) -> None:
         super().__init__(F.linear)
+        self.channel_dim = -1
 
     def transpose(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
         return signal @ weight
@@ -235,15 +254,23 @@ def redistribute(
         return x * layer.transpose(relevance / _stabilise(z, eps), x, weight)
     if rule.name == "gamma":
         return _gamma(layer, rule, x, relevance, weight, bias)
-    positive, negative = weight.clamp(min=0), weight.clamp(max=0)
+    positive = weight.clamp(min=0)
     if rule.name in ("zplus", "alpha_beta"):
         # contributions x w of one sign: w+ on positive inputs with w- on negative ones
         # (positive), w- on positive inputs with w+ on negative ones (negative); inputs that
         # are all non-negative (after a rectifier) need only the first term. Both sums have
         # one sign, so the stabiliser is a plain +-epsilon.
         parts = [x] if _non_negative(x) else [x.clamp(min=0), x.clamp(max=0)]
+        both = len(parts) > 1 or rule.name == "alpha_beta"
+        negative = weight.clamp(max=0) if both else positive
+        stack = layer.channel_dim if len(parts) > 1 else None
 
         def one_sign(weights: tuple[Tensor, Tensor], stabiliser: float) -> Tensor:
+            if stack is not None:  # one product on [x+, x-] (channels) and [w1, w2] (inputs)
+                xs = torch.cat(parts, stack)
+                r = _proportional(layer, xs, torch.cat(weights, 1), relevance, stabiliser)
+                first, second = r.chunk(2, stack)
+                return first.add_(second)
             pairs = list(zip(parts, weights, strict=False))
             z = layer.forward(*pairs[0])
             for part, w in pairs[1:]:
@@ -258,6 +285,7 @@ def redistribute(
         if rule.name == "zplus":
             return r
         return rule.alpha * r - rule.beta * one_sign((negative, positive), -eps)
+    negative = weight.clamp(max=0)
     if rule.name == "zbox":
         low = layer.over_inputs(lambda shape: _bound(rule.low, shape, x), x)
         high = layer.over_inputs(lambda shape: _bound(rule.high, shape, x), x)
@@ -272,6 +300,14 @@ def redistribute(
         z = layer.forward(ones, connections)
         return layer.transpose(relevance / _stabilise(z, eps), ones, connections)
     raise ValueError(f"unknown LRP rule {rule.name!r}")
+
+
+def _proportional(
+    layer: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, stabiliser: float
+) -> Tensor:
+    """x * W^T (R / (W x + stabiliser)): relevance in proportion to the contributions x w."""
+    signal = relevance / layer.forward(x, weight).add_(stabiliser)
+    return x * layer.transpose(signal, x, weight)
 
 
 def _gamma(
@@ -365,7 +401,7 @@ class _Proportional(torch.autograd.Function):
             z = ctx.op(*leaves)
             grads = torch.autograd.grad(z, leaves, relevance / _stabilise(z, ctx.epsilon))
         shares = [t.detach() * g for t, g in zip(leaves, grads, strict=True)]
-        ctx.ledger.add(relevance, sum(_per_row(s) for s in shares))
+        ctx.ledger.add(relevance, *shares)
         return (None, None, None, *shares)
 
 
