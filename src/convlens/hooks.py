@@ -173,11 +173,14 @@ RectifierFunction = Callable[[Tensor, "float | None"], Tensor]
 
 
 class _RectifierMode(TorchFunctionMode):
-    """Every rectifier call, max(0, x) or min(max(0, x), upper), goes to ``apply(x, upper)``."""
+    """Every rectifier call, max(0, x) or min(max(0, x), upper), goes to ``apply(x, upper)``;
+    ``seen`` (if given) receives each result."""
 
-    def __init__(self, apply: RectifierFunction) -> None:
+    def __init__(
+        self, apply: RectifierFunction, seen: Callable[[Tensor], None] | None = None
+    ) -> None:
         super().__init__()
-        self.apply = apply
+        self.apply, self.seen = apply, seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -196,18 +199,24 @@ class _RectifierMode(TorchFunctionMode):
             return func(*args, **kwargs)
         x = args[0]
         out = self.apply(x, upper)
-        return x.copy_(out) if inplace else out
+        result = x.copy_(out) if inplace else out
+        if self.seen is not None:
+            self.seen(result)
+        return result
 
 
 @contextmanager
-def override_rectifiers(rule: BackwardRule) -> Iterator[None]:
-    """Within the block, every rectifier's backward pass follows ``rule``.
+def override_rectifiers(
+    rule: BackwardRule, seen: Callable[[Tensor], None] | None = None
+) -> Iterator[None]:
+    """Within the block, every rectifier's backward pass follows ``rule``; ``seen`` (if given)
+    receives every rectifier's output, a tensor known to be non-negative.
 
     Example:
         >>> with override_rectifiers(rules.guided):
         ...     grad = torch.autograd.grad(model(x)[:, c].sum(), x)[0]
     """
-    with _RectifierMode(lambda x, upper: _Rectifier.apply(x, upper, rule)):
+    with _RectifierMode(lambda x, upper: _Rectifier.apply(x, upper, rule), seen):
         yield
 
 

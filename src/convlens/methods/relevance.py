@@ -125,6 +125,7 @@ class LinearMap:
         # the input's channel dimension where the map may run on inputs stacked along it (with
         # its weights stacked along dimension 1); None where groups forbid it
         self.channel_dim: int | None = None
+        self.non_negative = False  # the input is known to be >= 0 (a rectifier's output)
 
     def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None = None) -> Tensor:
         return self.call(x, weight, bias)
@@ -225,7 +226,7 @@ def redistribute(
         # (positive), w- on positive inputs with w+ on negative ones (negative); inputs that
         # are all non-negative (after a rectifier) need only the first term. Both sums have
         # one sign, so the stabiliser is a plain +-epsilon.
-        parts = [x] if _non_negative(x) else [x.clamp(min=0), x.clamp(max=0)]
+        parts = [x] if layer.non_negative or _non_negative(x) else [x.clamp(min=0), x.clamp(max=0)]
         both = len(parts) > 1 or rule.name == "alpha_beta"
         negative = weight.clamp(max=0) if both else positive
         stack = layer.channel_dim if len(parts) > 1 else None
@@ -413,6 +414,7 @@ class _LRPMode(TorchFunctionMode):
         self.produced: dict[int, tuple[Tensor, nn.Module]] = {}
         self.merged: dict[nn.Module, dict[str, Any]] = {}
         self.pads: dict[int, tuple[Tensor, torch.Size, Callable[[Tensor], Tensor]]] = {}
+        self.non_negative: dict[int, Tensor] = {}  # rectifiers' outputs (and their paddings)
         self.handlers: dict[Any, Callable[..., Tensor | None]] = {
             F.conv2d: self._affine,
             F.linear: self._affine,
@@ -437,6 +439,15 @@ class _LRPMode(TorchFunctionMode):
         self.produced.clear()
         self.merged.clear()
         self.pads.clear()
+        self.non_negative.clear()
+
+    def rectified(self, out: Tensor) -> None:
+        """Note a rectifier's output: the layers that read it skip the sign test."""
+        self.non_negative[id(out)] = out
+
+    def _known_non_negative(self, x: Tensor) -> bool:
+        known = self.non_negative.pop(id(x), None)
+        return known is x
 
     def _layer(
         self,
@@ -471,6 +482,7 @@ class _LRPMode(TorchFunctionMode):
         padded = self.pads.pop(id(call["input"]), None)
         if padded is not None and padded[0] is call["input"]:
             linear_map.inputs, linear_map.padding = padded[1], padded[2]
+        linear_map.non_negative = self._known_non_negative(call["input"])
         own = call["weight"], call["bias"]
 
         def effective() -> tuple[Tensor | None, Tensor | None]:
@@ -513,6 +525,11 @@ class _LRPMode(TorchFunctionMode):
         x, *rest = args
         out = func(*args, **kwargs)
         self.pads[id(out)] = (out, x.shape, lambda t: func(t, *rest, **kwargs))
+        call = _bind("input pad mode value", (None, None, "constant", None), args, kwargs)
+        if self._known_non_negative(x) and (
+            call["mode"] != "constant" or (call["value"] or 0) >= 0
+        ):
+            self.rectified(out)  # zeros (or copies of its values) around a rectifier's output
         return out
 
     def _add(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
@@ -572,7 +589,7 @@ def lrp_context(
     layers = {id(m.weight): m for m in module.modules() if isinstance(m, LINEAR)}
     mode = _LRPMode(layers, rules, ledger, epsilon)
     try:
-        with override_rectifiers(_pass_through), mode:
+        with override_rectifiers(_pass_through, mode.rectified), mode:
             yield
     finally:
         mode.clear()
