@@ -215,9 +215,12 @@ def redistribute(
     BatchNorm, which run as they are under the epsilon rule.
     """
     eps = rule.epsilon
+
+    def stabilised(z: Tensor) -> Tensor:
+        return _stabilise(z, eps)
+
     if weight is None or rule.name == "epsilon":
-        z = layer.forward(x, weight, bias)
-        return x * layer.transpose(relevance / _stabilise(z, eps), x, weight)
+        return _share(layer, [x], [weight], relevance, stabilised, bias)
     if rule.name == "gamma":
         return _gamma(layer, rule, x, relevance, weight, bias)
     positive = weight.clamp(min=0)
@@ -226,54 +229,55 @@ def redistribute(
         # (positive), w- on positive inputs with w+ on negative ones (negative); inputs that
         # are all non-negative (after a rectifier) need only the first term. Both sums have
         # one sign, so the stabiliser is a plain +-epsilon.
-        parts = [x] if layer.non_negative or _non_negative(x) else [x.clamp(min=0), x.clamp(max=0)]
-        both = len(parts) > 1 or rule.name == "alpha_beta"
-        negative = weight.clamp(max=0) if both else positive
-        stack = layer.channel_dim if len(parts) > 1 else None
-
-        def one_sign(weights: tuple[Tensor, Tensor], stabiliser: float) -> Tensor:
-            if stack is not None:  # one product on [x+, x-] (channels) and [w1, w2] (inputs)
-                xs = torch.cat(parts, stack)
-                r = _proportional(layer, xs, torch.cat(weights, 1), relevance, stabiliser)
-                first, second = r.chunk(2, stack)
-                return first.add_(second)
-            pairs = list(zip(parts, weights, strict=False))
-            z = layer.forward(*pairs[0])
-            for part, w in pairs[1:]:
-                z = z.add_(layer.forward(part, w))
-            signal = relevance / z.add_(stabiliser)
-            total = parts[0] * layer.transpose(signal, parts[0], weights[0])
-            for part, w in pairs[1:]:
-                total = total.addcmul_(part, layer.transpose(signal, part, w))
-            return total
-
-        r = one_sign((positive, negative), eps)
+        signed = not (layer.non_negative or _non_negative(x))
+        parts = [x.clamp(min=0), x.clamp(max=0)] if signed else [x]
+        negative = weight.clamp(max=0) if signed or rule.name == "alpha_beta" else positive
+        r = _share(layer, parts, [positive, negative], relevance, lambda z: z.add_(eps))
         if rule.name == "zplus":
             return r
-        return rule.alpha * r - rule.beta * one_sign((negative, positive), -eps)
-    negative = weight.clamp(max=0)
-    if rule.name == "zbox":
+        other = _share(layer, parts, [negative, positive], relevance, lambda z: z.sub_(eps))
+        return r.mul_(rule.alpha).sub_(other, alpha=rule.beta)
+    if rule.name == "zbox":  # x w - l w+ - h w-: the bounds as parts with negated weights
         low = layer.over_inputs(lambda shape: _bound(rule.low, shape, x), x)
         high = layer.over_inputs(lambda shape: _bound(rule.high, shape, x), x)
-        z = layer.forward(x, weight) - layer.forward(low, positive) - layer.forward(high, negative)
-        s = relevance / _stabilise(z, eps)
-        r = x * layer.transpose(s, x, weight)
-        r = r.sub_(low * layer.transpose(s, low, positive))
-        return r.sub_(high * layer.transpose(s, high, negative))
-    if rule.name == "flat":
+        weights = [weight, positive.neg_(), weight.clamp(max=0).neg_()]
+        return _share(layer, [x, low, high], weights, relevance, stabilised)
+    if rule.name == "flat":  # every connection 1, every input 1
         ones = layer.over_inputs(lambda shape: x.new_ones(shape), x)
-        connections = torch.ones_like(weight)
-        z = layer.forward(ones, connections)
-        return layer.transpose(relevance / _stabilise(z, eps), ones, connections)
+        return _share(layer, [ones], [torch.ones_like(weight)], relevance, stabilised)
     raise ValueError(f"unknown LRP rule {rule.name!r}")
 
 
-def _proportional(
-    layer: LinearMap, x: Tensor, weight: Tensor, relevance: Tensor, stabiliser: float
+def _share(
+    layer: LinearMap,
+    parts: list[Tensor],
+    weights: list[Tensor | None],
+    relevance: Tensor,
+    stabilised: Callable[[Tensor], Tensor],
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """x * W^T (R / (W x + stabiliser)): relevance in proportion to the contributions x w."""
-    signal = relevance / layer.forward(x, weight).add_(stabiliser)
-    return x * layer.transpose(signal, x, weight)
+    """sum_k x_k * W_k^T (R / stabilised(sum_k W_k x_k + b)): relevance in proportion to the
+    contributions of the parts x_k through the weights W_k (``weights`` may be longer than
+    ``parts``). Where the map allows, the parts are stacked along the channels (and the
+    weights along their inputs): one product forward and one back, however many parts."""
+    weights = weights[: len(parts)]
+    if len(parts) > 1 and layer.channel_dim is not None:
+        stacked = torch.cat(parts, layer.channel_dim)
+        stacked_weight = torch.cat(weights, 1)  # type: ignore[arg-type]
+        r = _share(layer, [stacked], [stacked_weight], relevance, stabilised, bias)
+        chunks = r.chunk(len(parts), layer.channel_dim)
+        total = chunks[0] + chunks[1]
+        for chunk in chunks[2:]:
+            total = total.add_(chunk)
+        return total
+    z = layer.forward(parts[0], weights[0], bias)
+    for part, w in zip(parts[1:], weights[1:], strict=True):
+        z = z.add_(layer.forward(part, w))
+    signal = relevance / stabilised(z)
+    total = parts[0] * layer.transpose(signal, parts[0], weights[0])
+    for part, w in zip(parts[1:], weights[1:], strict=True):
+        total = total.addcmul_(part, layer.transpose(signal, part, w))
+    return total
 
 
 def _gamma(
@@ -291,17 +295,15 @@ def _gamma(
     g = rule.gamma
     positive, negative = weight.clamp(min=0), weight.clamp(max=0)
     upward = layer.forward(x, weight, bias) >= 0
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    parts = [x.clamp(min=0), x.clamp(max=0)]
     total = torch.zeros_like(x)
     for mask, favoured, other, b in (
         (upward, positive, negative, None if bias is None else bias + g * bias.clamp(min=0)),
         (~upward, negative, positive, None if bias is None else bias + g * bias.clamp(max=0)),
     ):
-        w_pos, w_neg = weight + g * favoured, weight + g * other
-        z = layer.forward(xp, w_pos, b) + layer.forward(xn, w_neg)
-        signal = torch.where(mask, relevance / _stabilise(z, rule.epsilon), 0.0)
-        total.addcmul_(xp, layer.transpose(signal, xp, w_pos))
-        total.addcmul_(xn, layer.transpose(signal, xn, w_neg))
+        weights = [weight + g * favoured, weight + g * other]
+        selected = relevance.where(mask, 0.0)
+        total += _share(layer, parts, weights, selected, lambda z: _stabilise(z, rule.epsilon), b)
     return total
 
 
