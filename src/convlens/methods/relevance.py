@@ -70,28 +70,39 @@ class Rule:
 
 
 class Ledger:
-    """Relevance absorbed (per input) by biases and stabilisers, and a re-entrance flag."""
+    """Relevance absorbed (per input) by biases and stabilisers, and a re-entrance flag.
+
+    Each layer records the per-input sums of the relevance it received and of what it passed
+    on; ``absorbed`` is their difference, summed in double precision when asked for."""
 
     KEPT = 4  # recent outputs whose sums are kept: the next layer's input is usually one
 
     def __init__(self) -> None:
-        self.absorbed: Tensor | None = None
         self.inside = False
+        self._received: list[Tensor] = []
+        self._passed: list[Tensor] = []
         self._sums: dict[int, tuple[Tensor, Tensor]] = {}
 
     def add(self, before: Tensor, *after: Tensor) -> None:
-        """Count sum(before) - sum(after) per input. The relevance a layer passes on is usually
+        """Record sum(before) - sum(after) per input. The relevance a layer passes on is usually
         what the next layer receives: its sum is kept for that layer, not computed twice."""
         known = self._sums.pop(id(before), None)
-        lost = known[1] if known is not None and known[0] is before else _per_row(before)
+        self._received.append(
+            known[1] if known is not None and known[0] is before else _per_row(before)
+        )
         for t in after:
             total = _per_row(t)
-            lost = lost - total
+            self._passed.append(total)
             self._sums[id(t)] = (t, total)
         while len(self._sums) > self.KEPT:
             del self._sums[next(iter(self._sums))]
-        lost = lost.detach().double()
-        self.absorbed = lost if self.absorbed is None else self.absorbed + lost
+
+    @property
+    def absorbed(self) -> Tensor | None:
+        if not self._received:
+            return None
+        received = torch.stack(self._received).detach().double().sum(0)
+        return received - torch.stack(self._passed).detach().double().sum(0)
 
 
 def _per_row(t: Tensor) -> Tensor:
