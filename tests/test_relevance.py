@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 import convlens as cl
 from convlens.baselines import make_baseline
@@ -25,8 +26,16 @@ def stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return z + epsilon * torch.where(z >= 0, 1.0, -1.0).double()
 
 
-def matrix_rule(rule: Rule, m: torch.Tensor, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor):
-    """R_in of one layer y = M a + b in matrix form (Montavon et al. 2019)."""
+def matrix_rule(
+    rule: Rule,
+    m: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    r: torch.Tensor,
+    ones: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R_in of one layer y = M a + b in matrix form (Montavon et al. 2019); ``ones`` is the
+    layer's map with every weight 1 (flat: each connection counts once per use)."""
     mp, mn = m.clamp(min=0), m.clamp(max=0)
     ap, an = a.clamp(min=0), a.clamp(max=0)
     eps = rule.epsilon
@@ -57,29 +66,34 @@ def matrix_rule(rule: Rule, m: torch.Tensor, b: torch.Tensor, a: torch.Tensor, r
         s = r / stabilised(m @ a - mp @ low - mn @ high, eps)
         return a * (m.T @ s) - low * (mp.T @ s) - high * (mn.T @ s)
     if rule.name == "flat":
-        ones = (m != 0).double()  # the connections of the layer
         return ones.T @ (r / stabilised(ones @ torch.ones_like(a), eps))
     raise ValueError(rule.name)
 
 
-def layer_matrix(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer as y = M a + b over flattened inputs (M by the Jacobian of its bias-free form)."""
+def layer_matrix(
+    layer: nn.Module, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer as y = M a + b over flattened inputs: M is the Jacobian of the layer's own
+    forward without its bias (its padding, padding mode and groups included); the third matrix
+    is the same with every weight 1 (the layer's connections)."""
     n = int(torch.tensor(shape).prod())
 
-    def linear_part(v: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, nn.Conv2d):
-            return F.conv2d(
-                v.view(1, *shape), layer.weight.double(), None, layer.stride, layer.padding
-            )
-        return F.linear(v.view(1, *shape), layer.weight.double())
+    def matrix(weight: torch.Tensor | None) -> torch.Tensor:
+        def linear_part(v: torch.Tensor) -> torch.Tensor:
+            if weight is None:  # pooling
+                return layer(v.view(1, *shape)).flatten()
+            parameters = {"weight": weight, "bias": None}
+            return functional_call(layer, parameters, (v.view(1, *shape),)).flatten()
 
-    m = torch.autograd.functional.jacobian(
-        lambda v: linear_part(v).flatten(), torch.zeros(n).double()
-    )
-    out_shape = linear_part(torch.zeros(n).double()).shape[1:]
-    bias = layer.bias.double()
-    b = bias.view(-1, *([1] * (len(out_shape) - 1))).expand(out_shape).flatten()
-    return m, b
+        return torch.autograd.functional.jacobian(linear_part, torch.zeros(n).double())
+
+    weight = getattr(layer, "weight", None)
+    m = matrix(None if weight is None else weight.detach().double())
+    ones = None if weight is None else matrix(torch.ones_like(weight).double())
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        return m, torch.zeros(m.shape[0]).double(), ones
+    return m, bias.detach().double().repeat_interleave(m.shape[0] // bias.numel()), ones
 
 
 def dense_net() -> nn.Sequential:
@@ -113,6 +127,8 @@ def lrp_with(
 
 
 def matrix_lrp(net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int) -> torch.Tensor:
+    """LRP layer by layer in matrix form; average pooling under epsilon, ReLU and Flatten pass
+    relevance on. A module listed twice in ``net`` is used twice (shared weights)."""
     activations, a = [], x
     for layer in net:
         activations.append(a)
@@ -120,21 +136,97 @@ def matrix_lrp(net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int) -> 
     r = torch.zeros_like(a[0])
     r[target] = a[0, target]
     for layer, a_in in zip(reversed(net), reversed(activations), strict=True):
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            m, b = layer_matrix(layer, tuple(a_in.shape[1:]))
-            r = matrix_rule(rule, m, b, a_in[0].flatten(), r.flatten())
-        r = r.reshape(a_in.shape[1:])  # ReLU and Flatten pass relevance on
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            r = padded_matrix_lrp(layer, a_in, rule, r)
+        elif isinstance(layer, (nn.Linear, nn.Conv2d, nn.AvgPool2d)):
+            m, b, ones = layer_matrix(layer, tuple(a_in.shape[1:]))
+            own = rule if not isinstance(layer, nn.AvgPool2d) else Rule("epsilon", rule.epsilon)
+            r = matrix_rule(own, m, b, a_in[0].flatten(), r.flatten(), ones)
+        r = r.reshape(a_in.shape[1:])
     return r
 
 
+def padded_matrix_lrp(layer: nn.Conv2d, a: torch.Tensor, rule: Rule, r: torch.Tensor):
+    """A convolution with a copying padding mode (reflect) as two layers: the padding, a copy
+    matrix P through which relevance flows back summed over the copies (P^T R), and the
+    convolution on the padded input, whose connections (one per copy) the rule sees."""
+
+    def pad(v: torch.Tensor) -> torch.Tensor:
+        return F.pad(v, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+
+    padded = pad(a)
+    conv = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        0,
+        layer.dilation,
+        layer.groups,
+    ).double()
+    conv.load_state_dict(layer.state_dict())
+    m, b, ones = layer_matrix(conv, tuple(padded.shape[1:]))
+    r_padded = matrix_rule(rule, m, b, padded[0].flatten(), r.flatten(), ones)
+    copies = torch.autograd.functional.jacobian(
+        lambda v: pad(v.view(a.shape)).flatten(), a.flatten().detach()
+    )
+    return copies.T @ r_padded
+
+
+class StaticPadConv(nn.Conv2d):
+    """A convolution that pads inside its forward, as EfficientNet's TensorFlow-style "same"
+    convolutions do (here asymmetric: one more row and column at the end)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def odd_conv_net() -> nn.Sequential:
+    """Every way a convolution can be called: padding inside the forward, a grouped
+    convolution on inputs of both signs with a reflecting padding mode, string padding, a
+    convolution used twice, average pooling and 1x1 convolutions."""
+    torch.manual_seed(7)
+    shared = nn.Conv2d(4, 4, 1)
+    return nn.Sequential(
+        StaticPadConv(2, 4, 3, stride=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"),
+        shared,
+        nn.ReLU(),
+        shared,
+        nn.Conv2d(4, 3, 3, padding="same"),
+        nn.ReLU(),
+        nn.AvgPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 3),
+    ).double()
+
+
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("make, shape", [(dense_net, (1, 6)), (conv_net, (1, 2, 5, 5))])
+@pytest.mark.parametrize(
+    "make, shape",
+    [(dense_net, (1, 6)), (conv_net, (1, 2, 5, 5)), (odd_conv_net, (1, 2, 7, 7))],
+)
 def test_each_rule_equals_its_matrix_form(rule, make, shape):
     net = make()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).double()
     ours, _ = lrp_with(net, x, RULES[rule], target=1)
     expected = matrix_lrp(net, x, RULES[rule], target=1)
     torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_channels_last_inputs_give_the_same_relevance():
+    """cl.explain runs the model on channels-last images; the rules keep that layout."""
+    net = odd_conv_net()
+    x = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(3)).double()
+    for rule in RULES.values():
+        plain, _ = lrp_with(net, x, rule, target=0)
+        last, _ = lrp_with(net, x.contiguous(memory_format=torch.channels_last), rule, target=0)
+        torch.testing.assert_close(last, plain, rtol=1e-9, atol=1e-12)
 
 
 def unbiased(net: nn.Sequential) -> nn.Sequential:

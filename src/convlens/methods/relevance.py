@@ -6,17 +6,20 @@ decisions with deep Taylor decomposition" (Pattern Recognition); Montavon et al.
 "Layer-Wise Relevance Propagation: An Overview" (LNCS 11700), whose rules and composites these
 are.
 
-The relevance of the target logit flows back layer by layer. Each convolution, linear layer and
-average pooling redistributes it to its inputs by its rule, R_i = x_i sum_j w'_ij R_j / z'_j,
-computed with autograd on the layer's own forward (so padding, strides, groups and depthwise
-convolutions come for free). Rectifiers pass relevance through unchanged, max pooling routes it
-to the winner, and residual additions written as ``a + b`` inside ``forward`` split it in
-proportion to the two terms (a TorchFunctionMode sees them; so do ``mean`` reductions).
-A BatchNorm that follows a convolution is folded into that convolution's parameters for its
-rule (the modules themselves are never changed). What biases and stabilisers absorb is
-counted, so that input relevance + absorbed = the target logit.
+The relevance of the target logit flows back layer by layer. A TorchFunctionMode sees every
+call the model's forward makes: each F.conv2d / F.linear with a layer's weight, F.batch_norm
+and average pooling is computed by an autograd function whose backward redistributes
+relevance by the layer's rule, R_i = x_i sum_j w'_ij R_j / z'_j. The rule runs the very call
+the layer made (its strides, groups, dilation; its padding, inside F.conv2d or as a separate
+F.pad that autograd then undoes), as one convolution forward and one transposed convolution in
+the tensors' own memory layout. Rectifiers pass relevance through unchanged, max pooling
+routes it to the winner, and residual additions written as ``a + b`` inside ``forward`` split
+it in proportion to the two terms (so do ``mean`` reductions). A BatchNorm that reads a
+convolution's output is folded into that convolution's parameters for its rule (the modules
+themselves are never changed). What biases and stabilisers absorb is counted, layer by layer,
+so that input relevance + absorbed = the target logit.
 
-Everything is hooks and a function mode inside a context manager; nothing is swapped.
+Everything happens inside a context manager; no module is swapped and no hook is left.
 """
 
 from __future__ import annotations
@@ -490,6 +493,7 @@ class _LRPMode(TorchFunctionMode):
         layer = self.layers.get(id(call["weight"]))
         if layer is None:
             return None
+        is_input = self.first is None  # the model's first layer call (z^B, flat)
         self.first = self.first or layer
         linear_map = _affine_map(func, call)
         padded = self.pads.pop(id(call["input"]), None)
@@ -502,7 +506,7 @@ class _LRPMode(TorchFunctionMode):
             return _folded(*own, self.merged[layer]) if layer in self.merged else own
 
         rest = {k: v for k, v in call.items() if k != "input"}
-        rule = self.rules(layer, self.first is layer)
+        rule = self.rules(layer, is_input)
         out = self._layer(call["input"], lambda t: func(t, **rest), rule, linear_map, effective)
         if func is F.conv2d:
             self.produced[id(out)] = (out, layer)
