@@ -55,8 +55,9 @@ LINEAR = (nn.Conv2d, nn.Linear)
 
 
 def _stabilise(z: Tensor, epsilon: float) -> Tensor:
-    """z + epsilon * sign(z), with sign(0) = 1: never divides by zero."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    """z + epsilon * sign(z), the sign of a zero taken from its sign bit: never divides by zero
+    (two passes over z, where sign() would need a third for its zeros)."""
+    return z + torch.copysign(z.new_tensor(epsilon), z)
 
 
 @dataclass(frozen=True)
@@ -378,26 +379,57 @@ class _Proportional(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Any, ...]:
-        leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            z = ctx.op(*leaves)
-            grads = torch.autograd.grad(z, leaves, relevance / _stabilise(z, ctx.epsilon))
-        shares = [t.detach() * g for t, g in zip(leaves, grads, strict=True)]
+        inputs = ctx.saved_tensors
+        if ctx.op is torch.add:  # dz/dx = 1: no autograd needed
+            signal = relevance / _stabilise(torch.add(*inputs), ctx.epsilon)
+            shares = [t * signal for t in inputs]
+        else:
+            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            with torch.enable_grad():
+                z = ctx.op(*leaves)
+                grads = torch.autograd.grad(z, leaves, relevance / _stabilise(z, ctx.epsilon))
+            shares = [t.detach() * g for t, g in zip(leaves, grads, strict=True)]
         ctx.ledger.add(relevance, *shares)
         return (None, None, None, *shares)
 
 
-def _folded(weight: Tensor, bias: Tensor | None, bn: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """A convolution's weight and bias with an eval-mode batch norm (its F.batch_norm call's
-    arguments) folded in."""
-    scale = bn["running_var"].add(bn["eps"]).rsqrt()
-    if bn["weight"] is not None:
-        scale = scale * bn["weight"]
-    shift = -bn["running_mean"] * scale
-    if bn["bias"] is not None:
-        shift = shift + bn["bias"]
-    folded = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return folded, shift if bias is None else bias * scale + shift
+class _Merge:
+    """One convolution call's parameters and the eval-mode batch norm merged into it (its
+    F.batch_norm call's arguments), folded once needed."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.bn: dict[str, Any] | None = None
+        self.folded: tuple[Tensor, Tensor] | None = None
+
+
+def _fold(merges: list[_Merge]) -> None:
+    """Fold each batch norm into its convolution: w * s and b * s + beta - mean * s with
+    s = gamma / sqrt(var + eps). The per-channel arithmetic of all of them runs at once, on
+    their concatenated statistics (a few operations per backward pass, not a few per layer)."""
+    bns: list[dict[str, Any]] = [m.bn for m in merges if m.bn is not None]
+    sizes = [len(bn["running_var"]) for bn in bns]
+    like = bns[0]["running_var"]
+
+    def joined(values: list[Tensor | None], default: float) -> Tensor | None:
+        if all(v is None for v in values):
+            return None
+        pairs = zip(values, sizes, strict=True)
+        return torch.cat([like.new_full((n,), default) if v is None else v for v, n in pairs])
+
+    eps = like.new_tensor([bn["eps"] for bn in bns]).repeat_interleave(torch.tensor(sizes))
+    scale = joined([bn["running_var"] for bn in bns], 1.0).add_(eps).rsqrt_()  # type: ignore[union-attr]
+    gamma, beta = joined([bn["weight"] for bn in bns], 1.0), joined([bn["bias"] for bn in bns], 0.0)
+    if gamma is not None:
+        scale = scale.mul_(gamma)
+    shift = joined([bn["running_mean"] for bn in bns], 0.0).mul_(scale).neg_()  # type: ignore[union-attr]
+    if beta is not None:
+        shift = shift.add_(beta)
+    bias = joined([m.bias for m in merges], 0.0)
+    if bias is not None:
+        shift = shift.addcmul_(bias, scale)
+    for m, s, b in zip(merges, scale.split(sizes), shift.split(sizes), strict=True):
+        m.folded = m.weight * s.view(-1, *([1] * (m.weight.dim() - 1))), b
 
 
 _ADDS = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
@@ -427,8 +459,8 @@ class _LRPMode(TorchFunctionMode):
         super().__init__()
         self.layers, self.rules, self.ledger, self.epsilon = layers, rules, ledger, epsilon
         self.first: nn.Module | None = None
-        self.produced: dict[int, tuple[Tensor, nn.Module]] = {}
-        self.merged: dict[nn.Module, dict[str, Any]] = {}
+        self.produced: dict[int, tuple[Tensor, _Merge]] = {}
+        self.merges: list[_Merge] = []  # with a batch norm, not yet folded
         self.pads: dict[int, tuple[Tensor, torch.Size, Callable[[Tensor], Tensor]]] = {}
         self.non_negative: dict[int, Tensor] = {}  # rectifiers' outputs (and their paddings)
         self.handlers: dict[Any, Callable[..., Tensor | None]] = {
@@ -453,7 +485,7 @@ class _LRPMode(TorchFunctionMode):
 
     def clear(self) -> None:
         self.produced.clear()
-        self.merged.clear()
+        self.merges.clear()
         self.pads.clear()
         self.non_negative.clear()
 
@@ -500,16 +532,21 @@ class _LRPMode(TorchFunctionMode):
         if padded is not None and padded[0] is call["input"]:
             linear_map.inputs, linear_map.padding = padded[1], padded[2]
         linear_map.non_negative = self._known_non_negative(call["input"])
-        own = call["weight"], call["bias"]
+        merge = _Merge(call["weight"], call["bias"])
 
         def effective() -> tuple[Tensor | None, Tensor | None]:
-            return _folded(*own, self.merged[layer]) if layer in self.merged else own
+            if merge.bn is None:
+                return merge.weight, merge.bias
+            if merge.folded is None:  # the first folded layer of the backward folds them all
+                _fold(self.merges)
+                self.merges.clear()
+            return merge.folded  # type: ignore[return-value]
 
         rest = {k: v for k, v in call.items() if k != "input"}
         rule = self.rules(layer, is_input)
         out = self._layer(call["input"], lambda t: func(t, **rest), rule, linear_map, effective)
         if func is F.conv2d:
-            self.produced[id(out)] = (out, layer)
+            self.produced[id(out)] = (out, merge)
         return out
 
     def _batch_norm(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
@@ -521,7 +558,8 @@ class _LRPMode(TorchFunctionMode):
             and not call["training"]
             and call["running_var"] is not None
         ):
-            self.merged[source[1]] = call
+            source[1].bn = call
+            self.merges.append(source[1])
             rest = {k: v for k, v in call.items() if k != "input"}
             return _Through.apply(call["input"], lambda x: func(x, **rest))
         return self._pool(func, args, kwargs)
