@@ -323,12 +323,15 @@ def _gamma(
 
 
 def _bound(value: Any, shape: torch.Size, like: Tensor) -> Tensor:
+    """A z^B bound (a number, per channel or a tensor) over ``shape``, in ``like``'s layout."""
     if value is None:
         raise ValueError("the zbox rule needs low and high bounds")
     bound = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if bound.dim() == 1 and len(shape) == 4:
         bound = bound.view(1, -1, 1, 1)
-    return bound.expand(shape).contiguous()
+    last = len(shape) == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if last else torch.contiguous_format
+    return bound.expand(shape).contiguous(memory_format=layout)
 
 
 class _Layer(torch.autograd.Function):
