@@ -76,37 +76,39 @@ class Rule:
 class Ledger:
     """Relevance absorbed (per input) by biases and stabilisers, and a re-entrance flag.
 
-    Each layer records the per-input sums of the relevance it received and of what it passed
-    on; ``absorbed`` is their difference, summed in double precision when asked for."""
+    Each layer reports what it received and what it passed on; ``absorbed`` is the sum of the
+    differences. Relevance passed on is usually received by the next layer unchanged (the very
+    tensor): such a pair cancels and is never summed. Only what is received from elsewhere (an
+    accumulation of branches, the target's score) and what is passed on but never received
+    as it is (into such accumulations, or the input relevance) is summed, in double precision.
+    """
 
-    KEPT = 4  # recent outputs whose sums are kept: the next layer's input is usually one
+    KEPT = 8  # tensors passed on and awaited; older ones are summed and let go
 
     def __init__(self) -> None:
         self.inside = False
-        self._received: list[Tensor] = []
-        self._passed: list[Tensor] = []
-        self._sums: dict[int, tuple[Tensor, Tensor]] = {}
+        self._sums: list[Tensor] = []  # per-input sums: + received, - passed on
+        self._pending: dict[int, Tensor] = {}
 
     def add(self, before: Tensor, *after: Tensor) -> None:
-        """Record sum(before) - sum(after) per input. The relevance a layer passes on is usually
-        what the next layer receives: its sum is kept for that layer, not computed twice."""
-        known = self._sums.pop(id(before), None)
-        self._received.append(
-            known[1] if known is not None and known[0] is before else _per_row(before)
-        )
+        """A layer received ``before`` and passed on ``after``."""
+        if self._pending.get(id(before)) is before:
+            del self._pending[id(before)]
+        else:
+            self._sums.append(_per_row(before).double())
         for t in after:
-            total = _per_row(t)
-            self._passed.append(total)
-            self._sums[id(t)] = (t, total)
-        while len(self._sums) > self.KEPT:
-            del self._sums[next(iter(self._sums))]
+            self._pending[id(t)] = t
+        while len(self._pending) > self.KEPT:
+            self._settle(next(iter(self._pending)))
+
+    def _settle(self, key: int) -> None:
+        self._sums.append(-_per_row(self._pending.pop(key)).double())
 
     @property
     def absorbed(self) -> Tensor | None:
-        if not self._received:
-            return None
-        received = torch.stack(self._received).detach().double().sum(0)
-        return received - torch.stack(self._passed).detach().double().sum(0)
+        for key in list(self._pending):
+            self._settle(key)
+        return torch.stack(self._sums).detach().sum(0) if self._sums else None
 
 
 def _per_row(t: Tensor) -> Tensor:
