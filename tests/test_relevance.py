@@ -219,6 +219,22 @@ def test_each_rule_equals_its_matrix_form(rule, make, shape):
     torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
 
 
+def test_a_parametrized_weight_is_recognised():
+    """weight_norm computes the convolution's weight at each call: the rule still applies (to
+    the weight the call used), where a silent gradient would otherwise pass."""
+    net = conv_net()
+    expected_net = conv_net()
+    torch.nn.utils.parametrizations.weight_norm(net[0])
+    torch.nn.utils.weight_norm(net[2])  # the older hook-based form
+    with torch.no_grad():
+        expected_net[0].weight.copy_(net[0].weight)
+        expected_net[2].weight.copy_(net[2].weight)
+    x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(8)).double()
+    ours, _ = lrp_with(net, x, RULES["zplus"], target=2)
+    expected = matrix_lrp(expected_net, x, RULES["zplus"], target=2)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
+
+
 def test_channels_last_inputs_give_the_same_relevance():
     """cl.explain runs the model on channels-last images; the rules keep that layout."""
     net = odd_conv_net()

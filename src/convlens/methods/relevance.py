@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from convlens.engine import model_layout
@@ -644,14 +645,32 @@ def lrp_context(
     average pooling and a BatchNorm that does not follow a convolution use epsilon. A
     BatchNorm that reads a convolution's output directly is merged into that convolution's
     rule (its parameters are folded in for the backward pass; the module is not touched).
-    A function mode sees the calls; no module is swapped and no hook is left behind.
+    A function mode sees the calls, recognising each layer by its weight tensor; a weight
+    computed at each call (a parametrization such as weight_norm) is recognised by a forward
+    pre-hook, with parametrizations cached for the block. No module is swapped and no hook is
+    left behind.
     """
-    layers = {id(m.weight): m for m in module.modules() if isinstance(m, LINEAR)}
+    found = [m for m in module.modules() if isinstance(m, LINEAR)]
+    layers = {id(m.weight): m for m in found}
     mode = _LRPMode(layers, rules, ledger, epsilon)
+
+    def computed_weight(layer: nn.Module, args: Any) -> None:
+        layers[id(layer.weight)] = layer
+
+    def computed_done(layer: nn.Module, args: Any, out: Any) -> None:
+        layers.pop(id(layer.weight), None)
+
+    handles = []
+    for m in found:
+        if parametrize.is_parametrized(m, "weight") or not isinstance(m.weight, nn.Parameter):
+            handles.append(m.register_forward_pre_hook(computed_weight))
+            handles.append(m.register_forward_hook(computed_done))
     try:
-        with override_rectifiers(_pass_through, mode.rectified), mode:
+        with parametrize.cached(), override_rectifiers(_pass_through, mode.rectified), mode:
             yield
     finally:
+        for handle in handles:
+            handle.remove()
         mode.clear()
 
 
