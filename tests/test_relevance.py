@@ -235,6 +235,22 @@ def test_a_parametrized_weight_is_recognised():
     torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
 
 
+class MatmulLinear(nn.Linear):
+    """A linear layer computed without F.linear: LRP cannot see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_a_layer_computed_without_its_call_is_refused_by_name():
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), MatmulLinear(5, 3)).double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"layer '2' \(MatmulLinear\).*F.linear"):
+        lrp_with(net, torch.randn(1, 6).double(), RULES["epsilon"], target=0)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not net[2]._forward_hooks and not net[2]._forward_pre_hooks
+
+
 def test_channels_last_inputs_give_the_same_relevance():
     """cl.explain runs the model on channels-last images; the rules keep that layout."""
     net = odd_conv_net()

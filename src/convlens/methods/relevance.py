@@ -465,6 +465,7 @@ class _LRPMode(TorchFunctionMode):
         super().__init__()
         self.layers, self.rules, self.ledger, self.epsilon = layers, rules, ledger, epsilon
         self.first: nn.Module | None = None
+        self.handled: dict[nn.Module, int] = {}  # calls each layer made through its rule
         self.produced: dict[int, tuple[Tensor, _Merge]] = {}
         self.merges: list[_Merge] = []  # with a batch norm, not yet folded
         self.pads: dict[int, tuple[Tensor, torch.Size, Callable[[Tensor], Tensor]]] = {}
@@ -531,6 +532,7 @@ class _LRPMode(TorchFunctionMode):
         layer = self.layers.get(id(call["weight"]))
         if layer is None:
             return None
+        self.handled[layer] = self.handled.get(layer, 0) + 1
         is_input = self.first is None  # the model's first layer call (z^B, flat)
         self.first = self.first or layer
         linear_map = _affine_map(func, call)
@@ -650,21 +652,36 @@ def lrp_context(
     pre-hook, with parametrizations cached for the block. No module is swapped and no hook is
     left behind.
     """
-    found = [m for m in module.modules() if isinstance(m, LINEAR)]
-    layers = {id(m.weight): m for m in found}
+    names = {m: name for name, m in module.named_modules() if isinstance(m, LINEAR)}
+    layers = {id(m.weight): m for m in names}
     mode = _LRPMode(layers, rules, ledger, epsilon)
+    ran: dict[nn.Module, int] = {}
 
     def computed_weight(layer: nn.Module, args: Any) -> None:
         layers[id(layer.weight)] = layer
 
-    def computed_done(layer: nn.Module, args: Any, out: Any) -> None:
-        layers.pop(id(layer.weight), None)
+    def check(layer: nn.Module, args: Any, out: Any) -> None:
+        """Each call of a layer must have gone through its rule: a layer whose forward does
+        not call F.conv2d / F.linear with its weight would pass a plain gradient, silently."""
+        if not torch.is_grad_enabled() or ledger.inside:
+            return
+        if layer in computed:
+            layers.pop(id(layer.weight), None)
+        ran[layer] = ran.get(layer, 0) + 1
+        if mode.handled.get(layer, 0) < ran[layer]:
+            raise RuntimeError(
+                f"LRP cannot apply its rule to layer {names[layer]!r} "
+                f"({type(layer).__name__}): its forward did not call F.conv2d / F.linear with "
+                "the layer's weight"
+            )
 
-    handles = []
-    for m in found:
-        if parametrize.is_parametrized(m, "weight") or not isinstance(m.weight, nn.Parameter):
-            handles.append(m.register_forward_pre_hook(computed_weight))
-            handles.append(m.register_forward_hook(computed_done))
+    computed = {
+        m
+        for m in names
+        if parametrize.is_parametrized(m, "weight") or not isinstance(m.weight, nn.Parameter)
+    }
+    handles = [m.register_forward_pre_hook(computed_weight) for m in computed]
+    handles += [m.register_forward_hook(check) for m in names]
     try:
         with parametrize.cached(), override_rectifiers(_pass_through, mode.rectified), mode:
             yield
