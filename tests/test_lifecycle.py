@@ -115,6 +115,17 @@ def test_model_and_input_untouched(method):
 
 
 @pytest.mark.parametrize("method", cl.list_methods())
+def test_explaining_inside_no_grad_works_and_keeps_it(method):
+    """Inference code often runs under torch.no_grad(); explaining there must work the same."""
+    model, x = tiny("relu6", head="gap"), tiny_input(2)
+    expected = cl.explain(model, x, method=method, target=[0, 1], seed=3, **fast(method))
+    with torch.no_grad():
+        e = cl.explain(model, x, method=method, target=[0, 1], seed=3, **fast(method))
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(e.attribution, expected.attribution)
+
+
+@pytest.mark.parametrize("method", cl.list_methods())
 def test_model_untouched_after_invalid_target(method):
     model = prepared_model()
     before = snapshot(model)

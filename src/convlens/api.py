@@ -72,7 +72,8 @@ def explain(
             batch_size = default_batch_size(method_cls.batch_size)
         engine = Engine(batch_size, progress, method)
         instance = method_cls(wrapped, engine, params, seed)
-        with frozen(wrapped.module):
+        # methods take gradients: a caller's torch.no_grad() block must not break them
+        with frozen(wrapped.module), torch.enable_grad():
             attribution, resolved = instance.explain(inputs, targets)
     seconds = time.perf_counter() - start
 
