@@ -236,3 +236,10 @@ def test_metrics_and_features_leave_the_model_untouched_when_it_raises(name):
     with pytest.raises(RuntimeError, match="boom"):
         USERS_OF_THE_MODEL[name](model, tiny_input(6))
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("name", USERS_OF_THE_MODEL)
+def test_metrics_and_features_work_inside_no_grad(name):
+    with torch.no_grad():
+        USERS_OF_THE_MODEL[name](tiny("relu6", head="gap"), tiny_input(6))
+        assert not torch.is_grad_enabled()

@@ -156,7 +156,7 @@ def top_patches(
     best = layer_outputs(wrapped, x, name, batch_size, progress=progress, select=strongest)
     values, positions = best[:, 0], best[:, 1:].long()
     order = torch.argsort(values, descending=True, stable=True)[:k]
-    with frozen(wrapped.module):
+    with frozen(wrapped.module), torch.enable_grad():
         field = receptive_field(wrapped, name, tuple(x.shape[-2:]))
         pictures = torch.from_numpy(wrapped.to_display(x[order])).permute(0, 3, 1, 2).float() / 255
         patches, projections, boxes = [], [], []

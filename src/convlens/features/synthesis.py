@@ -164,7 +164,7 @@ def class_model(
             return score, None
         return score, output.log_softmax(-1)[0, goal.index]
 
-    with frozen(wrapped.module):
+    with frozen(wrapped.module), torch.enable_grad():
         bar = tqdm(
             range(steps),
             desc="class model",
@@ -238,7 +238,7 @@ def deep_dream(
             wrapped.module(v)
         return seen[0].pow(2).mean()
 
-    with frozen(wrapped.module):
+    with frozen(wrapped.module), torch.enable_grad():
         with torch.no_grad():
             before = float(objective(x))
         height, width = x.shape[-2:]
