@@ -423,7 +423,8 @@ def _fold(merges: list[_Merge]) -> None:
         pairs = zip(values, sizes, strict=True)
         return torch.cat([like.new_full((n,), default) if v is None else v for v, n in pairs])
 
-    eps = like.new_tensor([bn["eps"] for bn in bns]).repeat_interleave(torch.tensor(sizes))
+    repeats = torch.tensor(sizes, device=like.device)
+    eps = like.new_tensor([bn["eps"] for bn in bns]).repeat_interleave(repeats)
     scale = joined([bn["running_var"] for bn in bns], 1.0).add_(eps).rsqrt_()  # type: ignore[union-attr]
     gamma, beta = joined([bn["weight"] for bn in bns], 1.0), joined([bn["bias"] for bn in bns], 0.0)
     if gamma is not None:
