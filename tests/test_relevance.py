@@ -325,6 +325,55 @@ def test_residual_additions_split_relevance_and_batchnorm_is_restored():
     assert net.stem.bias is None
 
 
+class BasicBlock(nn.Module):
+    """ResNet's block, whose residual addition is written ``out += identity`` (or add_)."""
+
+    def __init__(self, addition: str) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.relu, self.head, self.addition = nn.ReLU(inplace=True), nn.Linear(4, 3), addition
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.relu(self.stem(x))
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(identity)))))
+        if self.addition == "+=":
+            out += identity
+        elif self.addition == "add_":
+            out.add_(identity)
+        else:
+            out = out + identity
+        return self.head(self.relu(out).mean(dim=(2, 3)))
+
+
+def test_in_place_residual_additions_split_relevance_like_plain_ones():
+    """``out += identity`` must not send the whole relevance down both branches."""
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(10))
+    results = {}
+    for addition in ("+", "+=", "add_"):
+        e = cl.explain(
+            BasicBlock(addition).eval(),
+            x,
+            "lrp",
+            composite="epsilon",
+            epsilon=1e-9,
+            low=0.0,
+            high=1.0,
+            target=[0, 1],
+        )
+        totals = torch.tensor(e.extras["input_relevance"]) + torch.tensor(e.extras["absorbed"])
+        torch.testing.assert_close(totals, torch.tensor(e.extras["logit"]), rtol=1e-5, atol=1e-6)
+        results[addition] = e.attribution
+    torch.testing.assert_close(results["+="], results["+"])
+    torch.testing.assert_close(results["add_"], results["+"])
+
+
 @pytest.mark.slow
 def test_relevance_is_conserved_on_the_bundled_model(bundled, photos):
     before = {k: v.clone() for k, v in bundled.module.state_dict().items()}

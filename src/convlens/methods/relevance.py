@@ -440,6 +440,7 @@ def _fold(merges: list[_Merge]) -> None:
 
 
 _ADDS = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
+_ADDS_IN_PLACE = {Tensor.__iadd__, Tensor.add_}  # ResNet's ``out += identity``
 _MEANS = {Tensor.mean, torch.mean}
 _CONV = "input weight bias stride padding dilation groups", (None, None, None, 1, 0, 1, 1)
 _LINEAR = "input weight bias", (None, None, None)
@@ -478,7 +479,7 @@ class _LRPMode(TorchFunctionMode):
             F.avg_pool2d: self._pool,
             F.adaptive_avg_pool2d: self._pool,
             F.pad: self._pad,
-            **dict.fromkeys(_ADDS, self._add),
+            **dict.fromkeys(_ADDS | _ADDS_IN_PLACE, self._add),
             **dict.fromkeys(_MEANS, self._mean),
         }
 
@@ -600,9 +601,13 @@ class _LRPMode(TorchFunctionMode):
         if len(args) != 2 or kwargs:
             return None
         a, b = args
-        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dim() > 1:
-            return _Proportional.apply(torch.add, self.epsilon, self.ledger, a, b)
-        return None
+        if not (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dim() > 1
+        ):
+            return None
+        if func in _ADDS_IN_PLACE:  # the sum is written into a; the split keeps a's old values
+            return a.copy_(_Proportional.apply(torch.add, self.epsilon, self.ledger, a.clone(), b))
+        return _Proportional.apply(torch.add, self.epsilon, self.ledger, a, b)
 
     def _mean(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
         if not (isinstance(args[0], Tensor) and args[0].dim() > 1):
