@@ -374,6 +374,30 @@ def test_in_place_residual_additions_split_relevance_like_plain_ones():
     torch.testing.assert_close(results["add_"], results["+"])
 
 
+class Gated(nn.Module):
+    """A squeeze-and-excitation style gate, x * sigmoid(...): LRP has no rule for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv, self.gate, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = h * torch.sigmoid(self.gate(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_model_with_an_operation_without_rule_is_flagged():
+    x = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(12))
+    with pytest.warns(RuntimeWarning, match="not conserved.*without an LRP rule"):
+        e = cl.explain(Gated().eval(), x, "lrp", composite="epsilon", low=0.0, high=1.0)
+    (inputs,), (absorbed,), (logit,) = (
+        e.extras[k] for k in ("input_relevance", "absorbed", "logit")
+    )
+    assert abs(inputs + absorbed - logit) > 0.01 * abs(logit)
+
+
 @pytest.mark.slow
 def test_relevance_is_conserved_on_the_bundled_model(bundled, photos):
     before = {k: v.clone() for k, v in bundled.module.state_dict().items()}

@@ -24,6 +24,7 @@ Everything happens inside a context manager; no module is swapped and no hook is
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -697,6 +698,24 @@ def lrp_context(
         mode.clear()
 
 
+def _warn_unless_conserved(logit: Tensor, inputs: Tensor, absorbed: Tensor) -> None:
+    """Input relevance + absorbed = logit holds wherever every operation has a rule; where it
+    fails by more than 1%, relevance went through an operation that has none (a gating
+    multiplication, SiLU, ...) as a plain gradient: the map may be wrong, say so."""
+    scale = torch.stack([logit.abs(), inputs.abs(), absorbed.abs()]).amax(0)
+    off = (inputs + absorbed - logit).abs() > 0.01 * scale + 1e-6
+    if bool(off.any()):
+        worst = int(((inputs + absorbed - logit).abs() / scale.clamp(min=1e-12)).argmax())
+        warnings.warn(
+            f"LRP: relevance is not conserved (input {inputs[worst]:.4g} + absorbed "
+            f"{absorbed[worst]:.4g} vs logit {logit[worst]:.4g} for input {worst}): the model "
+            "has operations without an LRP rule (e.g. gating multiplications, SiLU), through "
+            "which relevance passed as a plain gradient",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 @register("lrp", "relevance")
 class LRP(Method):
     """Layer-wise relevance propagation (Bach et al. 2015; Montavon et al. 2019) with a
@@ -742,11 +761,15 @@ class LRP(Method):
             (relevance,) = torch.autograd.grad(scores, inputs, scores.detach())
         self.engine.count(len(x))
         absorbed = ledger.absorbed if ledger.absorbed is not None else torch.zeros(len(x))
+        logit = scores.detach().double().cpu()
+        inputs_sum = _per_row(relevance.detach()).double().cpu()
+        absorbed = absorbed.cpu()
         self.extras.update(
             absorbed=absorbed.tolist(),
-            logit=scores.detach().double().tolist(),
-            input_relevance=relevance.detach().flatten(1).sum(1).double().tolist(),
+            logit=logit.tolist(),
+            input_relevance=inputs_sum.tolist(),
         )
+        _warn_unless_conserved(logit, inputs_sum, absorbed)
         return relevance.detach(), targets
 
     def _bounds(self, x: Tensor) -> tuple[Any, Any]:
