@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.features.common import Features, layer_outputs, resolve_layer
-from convlens.hooks import capture, frozen, override_rectifiers, rules
+from convlens.hooks import capture, frozen, override_rectifiers, pair, rules
 from convlens.model import Model, as_model
 
 __all__ = ["ReceptiveField", "receptive_field", "top_patches"]
@@ -46,25 +46,21 @@ class ReceptiveField:
         )
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 def _window(module: nn.Module) -> tuple[tuple[int, int], ...] | None:
     """(kernel, stride, padding before, dilation) per axis of a spatial module, else None."""
     if isinstance(module, nn.Conv2d):
-        kernel, dilation = _pair(module.kernel_size), _pair(module.dilation)
+        kernel, dilation = pair(module.kernel_size), pair(module.dilation)
         if isinstance(module.padding, str):  # "valid" or "same" (stride 1)
             total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
             padding = (0, 0) if module.padding == "valid" else (total[0] // 2, total[1] // 2)
         else:
-            padding = _pair(module.padding)
-        return kernel, _pair(module.stride), padding, dilation
+            padding = pair(module.padding)
+        return kernel, pair(module.stride), padding, dilation
     if isinstance(module, POOLS):
-        kernel = _pair(module.kernel_size)
-        stride = _pair(module.stride if module.stride is not None else module.kernel_size)
-        dilation = _pair(getattr(module, "dilation", 1))
-        return kernel, stride, _pair(module.padding), dilation
+        kernel = pair(module.kernel_size)
+        stride = pair(module.stride if module.stride is not None else module.kernel_size)
+        dilation = pair(getattr(module, "dilation", 1))
+        return kernel, stride, pair(module.padding), dilation
     if isinstance(
         module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
     ):

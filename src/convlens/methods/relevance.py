@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from convlens.engine import model_layout
-from convlens.hooks import override_rectifiers, replace_rectifiers
+from convlens.hooks import override_rectifiers, pair, replace_rectifiers
 from convlens.methods.base import Method
 from convlens.registry import register
 from convlens.targets import Predicted, Target, resolve_targets, score_rows
@@ -178,9 +178,9 @@ class _Conv2dMap(LinearMap):
             x,
             weight,
             None,
-            _pair(stride),
-            _pair(padding),
-            _pair(dilation),
+            pair(stride),
+            pair(padding),
+            pair(dilation),
             False,
             [0, 0],
             groups,
@@ -210,10 +210,6 @@ def _affine_map(func: Callable, call: dict[str, Any]) -> LinearMap:
     if isinstance(padding, str):  # "same": autograd transposes whatever F.conv2d pads
         return LinearMap(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups))
     return _Conv2dMap(stride, padding, dilation, groups)
-
-
-def _pair(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def _non_negative(x: Tensor) -> bool:
@@ -760,7 +756,9 @@ class LRP(Method):
             scores = score_rows(targets, output)
             (relevance,) = torch.autograd.grad(scores, inputs, scores.detach())
         self.engine.count(len(x))
-        absorbed = ledger.absorbed if ledger.absorbed is not None else torch.zeros(len(x))
+        absorbed = ledger.absorbed
+        if absorbed is None:
+            absorbed = torch.zeros(len(x), dtype=torch.float64)
         logit = scores.detach().double().cpu()
         inputs_sum = _per_row(relevance.detach()).double().cpu()
         absorbed = absorbed.cpu()
