@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convlens.checks import RequestTypeError
 from convlens.engine import Engine, default_batch_size, freed_memory_kept
 from convlens.explanation import Explanation
 from convlens.hooks import frozen
@@ -61,7 +62,7 @@ def explain(
     given = dict(method_params)
     if layer is not None:
         if not method_cls.uses_layer:
-            raise TypeError(f"method {method!r} does not take a layer")
+            raise RequestTypeError(f"method {method!r} does not take a layer")
         given["layer"] = layer
     params = method_cls.resolve_params(given)
     inputs = wrapped.inputs(x).clone()

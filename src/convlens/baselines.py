@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convlens.checks import RequestError
+
 __all__ = ["BaselineSpec", "gaussian_blur", "make_baseline"]
 
 BaselineSpec = str | float | Tensor
@@ -52,12 +54,12 @@ def make_baseline(spec: BaselineSpec, x: Tensor, blur_sigma: float | None = None
         except RuntimeError:
             baseline = None  # type: ignore[assignment]
         if baseline is None or baseline.shape != x.shape:
-            raise ValueError(
+            raise RequestError(
                 f"baseline tensor of shape {tuple(spec.shape)} does not broadcast to the input "
                 f"shape {tuple(x.shape)}"
             )
         if not torch.isfinite(baseline).all():
-            raise ValueError("the baseline tensor contains NaN or infinite values")
+            raise RequestError("the baseline tensor contains NaN or infinite values")
         return baseline.clone()
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return torch.full_like(x, float(spec))
@@ -68,6 +70,6 @@ def make_baseline(spec: BaselineSpec, x: Tensor, blur_sigma: float | None = None
     if spec == "blur":
         sigma = blur_sigma if blur_sigma is not None else max(x.shape[-2:]) / 20
         return gaussian_blur(x, sigma)
-    raise ValueError(
+    raise RequestError(
         f"unknown baseline {spec!r}; expected one of {', '.join(BASELINES)}, a number or a tensor"
     )

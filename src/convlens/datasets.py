@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from convlens.checks import RequestError
+
 __all__ = ["SHAPES", "Shapes", "shapes", "shapes_folder"]
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -50,7 +52,7 @@ def _shape_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "cross":
         bar = 0.28
         return ((np.abs(x) <= bar) | (np.abs(y) <= bar)) & (np.abs(x) <= 0.95) & (np.abs(y) <= 0.95)
-    raise ValueError(f"unknown shape {kind!r}")
+    raise RequestError(f"unknown shape {kind!r}")
 
 
 def shapes(n: int, size: int = 64, seed: int = 0, min_side: int = 14, max_side: int = 26) -> Shapes:
@@ -62,7 +64,7 @@ def shapes(n: int, size: int = 64, seed: int = 0, min_side: int = 14, max_side: 
     ``seed``.
     """
     if n < 1 or size < max_side + 2 or not 4 <= min_side <= max_side:
-        raise ValueError("need n >= 1, 4 <= min_side <= max_side and size > max_side + 1")
+        raise RequestError("need n >= 1, 4 <= min_side <= max_side and size > max_side + 1")
     rng = np.random.default_rng(seed)
     images = np.empty((n, 3, size, size), dtype=np.float32)
     masks = np.zeros((n, size, size), dtype=bool)
@@ -113,7 +115,7 @@ def shapes_folder(
     wanted = dict.fromkeys(SHAPES[:3], counts) if isinstance(counts, int) else dict(counts)
     unknown = set(wanted) - set(SHAPES)
     if unknown:
-        raise ValueError(f"unknown shape classes {sorted(unknown)}; known: {', '.join(SHAPES)}")
+        raise RequestError(f"unknown shape classes {sorted(unknown)}; known: {', '.join(SHAPES)}")
     data = shapes(len(SHAPES) * max(wanted.values()), size=size, seed=seed)
     root = Path(root)
     for name, count in wanted.items():

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from convlens.checks import RequestError
+
 __all__ = [
     "Engine",
     "default_batch_size",
@@ -142,7 +144,7 @@ class Engine:
         self, batch_size: int, progress: bool | None = None, description: str = ""
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+            raise RequestError(f"batch_size must be a positive integer, not {batch_size!r}")
         self.batch_size = batch_size
         self.progress = progress
         self.description = description

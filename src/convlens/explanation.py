@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from convlens import viz
+from convlens.checks import RequestError, RequestIndexError
 from convlens.files import save_picture, save_torch
 
 __all__ = ["REDUCTIONS", "Explanation"]
@@ -79,7 +80,9 @@ class Explanation:
     def overlay(self, i: int = 0, alpha: float = 0.8) -> Image.Image:
         """PIL image of input ``i`` with its heat map laid over it."""
         if not 0 <= i < self.attribution.shape[0]:
-            raise IndexError(f"input {i} is out of range for {self.attribution.shape[0]} inputs")
+            raise RequestIndexError(
+                f"input {i} is out of range for {self.attribution.shape[0]} inputs"
+            )
         return viz.overlay(self._picture(i), self.heatmap()[i].numpy(), alpha=alpha)
 
     def superpixels(self, i: int = 0, k: int = 5) -> Image.Image:
@@ -87,7 +90,9 @@ class Explanation:
         ``kernel_shap`` the ``k`` with the largest positive weights (green) and the ``k`` most
         negative (red, as in Ribeiro et al. 2016); for ``anchors`` the anchor's superpixels."""
         if not 0 <= i < self.attribution.shape[0]:
-            raise IndexError(f"input {i} is out of range for {self.attribution.shape[0]} inputs")
+            raise RequestIndexError(
+                f"input {i} is out of range for {self.attribution.shape[0]} inputs"
+            )
         if "superpixels" in self.extras:
             info = self.extras["superpixels"][i]
             weights = torch.tensor(info["weights"])
@@ -98,7 +103,7 @@ class Explanation:
             info = self.extras["anchor"][i]
             positive, negative = list(info["anchor"]), []
         else:
-            raise ValueError(
+            raise RequestError(
                 f"{self.method!r} has no superpixels to show; lime, kernel_shap and anchors do"
             )
         return viz.superpixel_picture(self._picture(i), info["segments"], positive, negative)
@@ -134,7 +139,7 @@ class Explanation:
             picture = pictures[0] if len(pictures) == 1 else viz.grid(pictures, columns=4)
             save_picture(picture, path)
         else:
-            raise ValueError(f"cannot save to {path.name}: use .png, .jpg or .pt")
+            raise RequestError(f"cannot save to {path.name}: use .png, .jpg or .pt")
         return path
 
 

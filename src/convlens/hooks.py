@@ -31,7 +31,6 @@ __all__ = [
     "edit_output",
     "frozen",
     "override_rectifiers",
-    "pair",
     "replace_rectifiers",
     "rules",
 ]
@@ -228,11 +227,6 @@ def replace_rectifiers(apply: RectifierFunction) -> Iterator[None]:
     backward needs more than the gradient rule of :func:`override_rectifiers` (DeepLIFT)."""
     with _RectifierMode(apply):
         yield
-
-
-def pair(value: Any) -> tuple[int, int]:
-    """A convolution or pooling argument (stride, padding, ...) as a pair: ``2`` -> ``(2, 2)``."""
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 @contextmanager

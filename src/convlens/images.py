@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from convlens.checks import RequestTypeError
+
 __all__ = ["ImageLike", "load_image", "sample_images", "to_rgb"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -82,7 +84,7 @@ def to_rgb(image: ImageLike) -> Image.Image:
     if isinstance(image, np.ndarray):
         return _rgb_from_array(image)
     if not isinstance(image, Image.Image):
-        raise TypeError(
+        raise RequestTypeError(
             f"expected an image path, PIL image or numpy array, not {type(image).__name__}"
         )
     if image.mode == "RGB":

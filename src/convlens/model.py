@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens import viz
+from convlens.checks import RequestError, RequestTypeError
 from convlens.images import ImageLike, to_rgb
 
 __all__ = ["Model", "as_model", "check_input", "load_model", "wrap"]
@@ -31,23 +32,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def check_input(x: Tensor, channels: int | None = None) -> Tensor:
     """Validate a preprocessed batch: a finite floating tensor of shape (B, C, H, W)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"expected a tensor of shape (B, C, H, W), not {type(x).__name__}")
+        raise RequestTypeError(f"expected a tensor of shape (B, C, H, W), not {type(x).__name__}")
     if x.dim() == 3:
-        raise ValueError(
+        raise RequestError(
             f"input has shape {tuple(x.shape)}; a batch of shape (B, C, H, W) is needed "
             "(add a batch dimension with x[None])"
         )
     if x.dim() != 4:
-        raise ValueError(f"input must have shape (B, C, H, W), not {tuple(x.shape)}")
+        raise RequestError(f"input must have shape (B, C, H, W), not {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise ValueError("input batch is empty")
+        raise RequestError("input batch is empty")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"input has {x.shape[1]} channels; the model expects {channels}")
+        raise RequestError(f"input has {x.shape[1]} channels; the model expects {channels}")
     if not x.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, not {x.dtype}")
+        raise RequestTypeError(f"input must be a floating-point tensor, not {x.dtype}")
     if not torch.isfinite(x).all():
         bad = "NaN" if torch.isnan(x).any() else "infinite values"
-        raise ValueError(f"input contains {bad}")
+        raise RequestError(f"input contains {bad}")
     return x
 
 
@@ -74,9 +75,9 @@ class Model:
         name: str | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
-            raise TypeError(f"expected an nn.Module, not {type(module).__name__}")
+            raise RequestTypeError(f"expected an nn.Module, not {type(module).__name__}")
         if not 0 < crop <= 1:
-            raise ValueError(f"crop must be in (0, 1], not {crop}")
+            raise RequestError(f"crop must be in (0, 1], not {crop}")
         self.module = module.eval()
         self.input_size = tuple(input_size) if input_size is not None else None
         self.mean = tuple(float(v) for v in mean) if mean is not None else None
@@ -109,13 +110,13 @@ class Model:
         normalises with ``mean`` and ``std``.
         """
         if self.input_size is None:
-            raise ValueError(
+            raise RequestError(
                 "this model has no preprocessing (a bare nn.Module); pass a preprocessed "
                 "tensor, or use cl.wrap(module, input_size=..., mean=..., std=...)"
             )
         if isinstance(images, (list, tuple)):
             if not images:
-                raise ValueError("no images given")
+                raise RequestError("no images given")
             return torch.cat([self.preprocess(image) for image in images])
         rgb = to_rgb(images)
         x = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)[None]
@@ -137,7 +138,7 @@ class Model:
         """Validated input batch on the model's device: a tensor, or images to preprocess."""
         if not isinstance(x, Tensor):
             if self.input_size is None:
-                raise TypeError(
+                raise RequestTypeError(
                     "a bare nn.Module takes a preprocessed tensor of shape (B, C, H, W); "
                     "wrap it with cl.wrap(...) to pass images"
                 )
@@ -171,7 +172,7 @@ class Model:
         """The submodule called ``name`` (dotted path, as in ``named_modules()``)."""
         if isinstance(name, nn.Module):
             if not any(name is m for m in self.module.modules()):
-                raise ValueError(f"module {type(name).__name__} is not part of {self.name}")
+                raise RequestError(f"module {type(name).__name__} is not part of {self.name}")
             return name
         modules = self._named_modules()
         if name not in modules:
@@ -181,7 +182,7 @@ class Model:
         close = difflib.get_close_matches(str(name), modules, n=5, cutoff=0.5)
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)][-5:]
         hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ValueError(
+        raise RequestError(
             f"unknown layer {name!r} in {self.name}.{hint} Candidates include the last "
             f"convolutions: {', '.join(convs) or '(none)'}; model.module.named_modules() "
             "lists all."
@@ -233,7 +234,7 @@ def as_model(model: Model | nn.Module) -> Model:
         bare.input_size = bare.mean = bare.std = bare.labels = bare.cam_layer = None
         bare.crop, bare.name = 1.0, type(model).__name__
         return bare
-    raise TypeError(f"expected a convlens.Model or an nn.Module, not {type(model).__name__}")
+    raise RequestTypeError(f"expected a convlens.Model or an nn.Module, not {type(model).__name__}")
 
 
 CHECKPOINT_FORMAT = "convlens-checkpoint"
@@ -259,9 +260,9 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+        raise RequestError(f"cannot read checkpoint {path}: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise RequestError(
             f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
             "model build the nn.Module yourself and use cl.wrap(module, ...)"
         )

@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from convlens.checks import RequestError
+
 if TYPE_CHECKING:
     from convlens.methods.base import Method
 
@@ -23,11 +25,11 @@ M = TypeVar("M", bound="type[Method]")
 def register(name: str, family: str) -> Callable[[M], M]:
     """Class decorator that registers an explanation method under ``name``."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise RequestError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
 
     def decorate(cls: M) -> M:
         if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_METHODS[name]}")
+            raise RequestError(f"method {name!r} is already registered by {_METHODS[name]}")
         cls.name = name
         cls.family = family
         _METHODS[name] = cls
@@ -45,7 +47,7 @@ def list_methods(family: str | None = None) -> list[str]:
     """Names of the registered methods, in registration order, optionally of one family."""
     _load_builtin_methods()
     if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise RequestError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     return [name for name, cls in _METHODS.items() if family is None or cls.family == family]
 
 
@@ -57,6 +59,6 @@ def get_method(name: str) -> type[Method]:
     except KeyError:
         close = difflib.get_close_matches(str(name), _METHODS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise RequestError(
             f"unknown method {name!r}.{hint} Known methods: {', '.join(_METHODS)}"
         ) from None

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from convlens.checks import RequestError, RequestTypeError
+
 __all__ = [
     "Channel",
     "Class",
@@ -57,7 +59,7 @@ class Target(ABC):
 def check_class(index: int, n_classes: int) -> None:
     """Raise a clear error when ``index`` is not one of ``n_classes`` classes."""
     if not 0 <= index < n_classes:
-        raise ValueError(
+        raise RequestError(
             f"target class {index} is out of range: the model has {n_classes} classes "
             f"(0-{n_classes - 1})"
         )
@@ -122,7 +124,7 @@ class Channel(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         activation = _need_activation(self, activation)
         if not 0 <= self.channel < activation.shape[1]:
-            raise ValueError(
+            raise RequestError(
                 f"channel {self.channel} is out of range: layer {_layer_name(self.layer)!r} "
                 f"has {activation.shape[1]} channels"
             )
@@ -144,13 +146,13 @@ class Neuron(Target):
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
         activation = _need_activation(self, activation)
         if activation.dim() != 4:
-            raise ValueError(
+            raise RequestError(
                 f"Neuron needs a spatial layer; {_layer_name(self.layer)!r} outputs "
                 f"shape {tuple(activation.shape)}"
             )
         _, c, h, w = activation.shape
         if not (0 <= self.channel < c and 0 <= self.y < h and 0 <= self.x < w):
-            raise ValueError(
+            raise RequestError(
                 f"neuron ({self.channel}, {self.y}, {self.x}) is out of range for layer "
                 f"{_layer_name(self.layer)!r} with {c} channels of {h}x{w}"
             )
@@ -171,13 +173,13 @@ TargetSpec = int | str | Target | Sequence[int | str | Target] | None
 
 def _label_index(name: str, labels: Sequence[str] | None) -> int:
     if labels is None:
-        raise ValueError(f"target {name!r} is a class name, but the model has no labels")
+        raise RequestError(f"target {name!r} is a class name, but the model has no labels")
     try:
         return list(labels).index(name)
     except ValueError:
         close = difflib.get_close_matches(name, labels, n=5)
         hint = f"; close matches: {', '.join(repr(c) for c in close)}" if close else ""
-        raise ValueError(f"unknown label {name!r}{hint}") from None
+        raise RequestError(f"unknown label {name!r}{hint}") from None
 
 
 def _concrete(item: int | str | Target | None, labels: Sequence[str] | None) -> Target:
@@ -185,10 +187,10 @@ def _concrete(item: int | str | Target | None, labels: Sequence[str] | None) -> 
     if item is None:
         return Predicted()
     if isinstance(item, bool):
-        raise TypeError(f"target must be an int, a label name or a Target, not {item!r}")
+        raise RequestTypeError(f"target must be an int, a label name or a Target, not {item!r}")
     if isinstance(item, int):
         if item < 0:
-            raise ValueError(f"target class {item} is out of range: class indices start at 0")
+            raise RequestError(f"target class {item} is out of range: class indices start at 0")
         return Class(item)
     if isinstance(item, str):
         return Class(_label_index(item, labels))
@@ -200,7 +202,7 @@ def _concrete(item: int | str | Target | None, labels: Sequence[str] | None) -> 
         return Contrast(p.index, q.index)
     if isinstance(item, Target):
         return item
-    raise TypeError(
+    raise RequestTypeError(
         f"target must be None, an int, a label name, a list of them or a convlens.targets "
         f"object, not {type(item).__name__}"
     )
@@ -212,7 +214,7 @@ def check_target_spec(
     """Validate a user's ``target`` and return one target per input (``Predicted`` unresolved)."""
     if isinstance(spec, (list, tuple)):
         if len(spec) != n_inputs:
-            raise ValueError(
+            raise RequestError(
                 f"target is a list of {len(spec)} items but there are {n_inputs} inputs; "
                 "give one target per input"
             )
@@ -290,7 +292,7 @@ def scorer(name: str) -> Callable[..., Tensor]:
         return probability_scores
     if name == "logit":
         return score_rows
-    raise ValueError(f"score must be 'probability' or 'logit', not {name!r}")
+    raise RequestError(f"score must be 'probability' or 'logit', not {name!r}")
 
 
 def layer_key(layer: str | nn.Module | None) -> Any:

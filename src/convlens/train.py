@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens import viz
+from convlens.checks import RequestError
 from convlens.files import save_picture, save_torch
 from convlens.images import ImageError, load_image
 from convlens.model import CHECKPOINT_FORMAT, Model
@@ -61,7 +62,7 @@ def scan_folder(root: str | os.PathLike) -> Folder:
         raise FileNotFoundError(f"data folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
-        raise ValueError(
+        raise RequestError(
             f"{root} needs one sub-folder per class (at least two); found {len(classes)}"
         )
     files: list[Path] = []
@@ -73,7 +74,7 @@ def scan_folder(root: str | os.PathLike) -> Folder:
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not found:
-            raise ValueError(
+            raise RequestError(
                 f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         files += found
@@ -87,7 +88,7 @@ def stratified_split(
     """Train and validation indices: ``val_fraction`` of each class (at least one image of a
     class with two or more) goes to validation, chosen by ``seed``."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
+        raise RequestError(f"val_fraction must be in [0, 1), not {val_fraction}")
     rng = np.random.default_rng(seed)
     train_rows: list[int] = []
     val_rows: list[int] = []
@@ -185,7 +186,7 @@ def train(
     from convlens import zoo
 
     if epochs < 1 or batch_size < 1 or image_size < 32:
-        raise ValueError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
+        raise RequestError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
     say = log or (lambda text: print(text, file=sys.stderr))
     started = time.perf_counter()
     folder = scan_folder(data_dir)
@@ -204,7 +205,7 @@ def train(
             skipped.append((str(path), str(error).splitlines()[0]))
             say(f"convlens: skipping {path}: {skipped[-1][1]}")
     if len(set(labels)) < len(folder.classes):
-        raise ValueError("every class needs at least one readable image")
+        raise RequestError("every class needs at least one readable image")
     data, targets = torch.stack(pictures), torch.tensor(labels)
     train_rows, val_rows = stratified_split(labels, val_fraction, seed)
     k = len(folder.classes)

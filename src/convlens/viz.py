@@ -12,6 +12,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
+from convlens.checks import RequestError
+
 __all__ = [
     "colorize",
     "confusion_plot",
@@ -82,7 +84,7 @@ def overlay(
     """Blend a coloured heat map over an RGB picture (H, W, 3) uint8 of the same size."""
     image = np.asarray(image, dtype=np.uint8)
     if image.shape[:2] != np.shape(heat):
-        raise ValueError(f"heat map {np.shape(heat)} and image {image.shape[:2]} differ in size")
+        raise RequestError(f"heat map {np.shape(heat)} and image {image.shape[:2]} differ in size")
     scaled, _ = normalize(heat)
     colors = colorize(heat, cmap).astype(np.float64)
     # Zero evidence leaves the photo as it is (dimmed a little); strong evidence is drawn
@@ -114,7 +116,7 @@ def superpixel_picture(
     image = np.asarray(image, dtype=np.float64)
     labels = np.asarray(segments)
     if image.shape[:2] != labels.shape:
-        raise ValueError(f"segments {labels.shape} and image {image.shape[:2]} differ in size")
+        raise RequestError(f"segments {labels.shape} and image {image.shape[:2]} differ in size")
     out = image * dim
     for chosen, color, tint in ((positive, POSITIVE, 0.0), (negative, NEGATIVE, 0.35)):
         region = np.isin(labels, list(chosen))
@@ -137,7 +139,7 @@ def grid(
 ) -> Image.Image:
     """Lay out pictures in a grid with a title line above each."""
     if not images:
-        raise ValueError("no images to lay out")
+        raise RequestError("no images to lay out")
     columns = max(1, min(columns, len(images)))
     rows = -(-len(images) // columns)
     font = ImageFont.load_default()

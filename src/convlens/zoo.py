@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens.checks import RequestError
 from convlens.model import Model
 
 __all__ = [
@@ -46,7 +47,7 @@ def imagenet_labels() -> tuple[str, ...]:
 
 def _architecture(name: str, num_classes: int) -> nn.Module:
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+        raise RequestError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet.from_name(name, num_classes=num_classes)

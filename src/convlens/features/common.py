@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from convlens.checks import RequestError
 from convlens.engine import Engine, default_batch_size, freed_memory_kept
 from convlens.files import save_picture
 from convlens.hooks import capture, frozen
@@ -49,7 +50,7 @@ def resolve_layer(model: Model, layer: str | nn.Module | None, default: str = "c
         return layer if isinstance(layer, str) else model.layer_name(module)
     convs = [n for n, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError("the model has no nn.Conv2d layer; give layer=...")
+        raise RequestError("the model has no nn.Conv2d layer; give layer=...")
     if default == "first":
         return convs[0]
     return model.cam_layer if isinstance(model.cam_layer, str) else convs[-1]

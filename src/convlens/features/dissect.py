@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens import viz
+from convlens.checks import RequestError
 from convlens.features.common import Features, layer_outputs, resolve_layer
 from convlens.model import Model, as_model
 
@@ -40,20 +41,20 @@ def dissect(
     wrapped = as_model(model)
     x = wrapped.inputs(images)
     if not concept_masks:
-        raise ValueError("give at least one concept: {name: masks (N, H, W)}")
+        raise RequestError("give at least one concept: {name: masks (N, H, W)}")
     names = list(concept_masks)
     masks = torch.stack([torch.as_tensor(concept_masks[n]).bool() for n in names], dim=1)
     if masks.dim() != 4 or masks.shape[0] != len(x):
-        raise ValueError(
+        raise RequestError(
             f"each concept needs masks of shape (N, H, W) for the {len(x)} images, got "
             f"{tuple(masks.shape)}"
         )
     if not 0 < quantile < 1:
-        raise ValueError(f"quantile must be in (0, 1), not {quantile}")
+        raise RequestError(f"quantile must be in (0, 1), not {quantile}")
     name = resolve_layer(wrapped, layer)
     maps = layer_outputs(wrapped, x, name, batch_size)
     if maps.dim() != 4:
-        raise ValueError(f"layer {name!r} gives {tuple(maps.shape)}, not (N, K, h, w) maps")
+        raise RequestError(f"layer {name!r} gives {tuple(maps.shape)}, not (N, K, h, w) maps")
     n_units = maps.shape[1]
     values = maps.transpose(0, 1).reshape(n_units, -1)
     rank = max(1, values.shape[1] - round(quantile * values.shape[1]))  # P(a > T) = quantile

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from convlens import viz
+from convlens.checks import RequestError
 from convlens.features.common import Features, layer_outputs
 from convlens.hooks import call_order
 from convlens.model import Model, as_model
@@ -28,7 +29,7 @@ def _penultimate(model: Model, x: Tensor) -> str:
     linears = {m: n for n, m in model.module.named_modules() if isinstance(m, nn.Linear)}
     order = call_order(model.module, x, linears)
     if not order:
-        raise ValueError("the model calls no nn.Linear; give the layer to embed from")
+        raise RequestError("the model calls no nn.Linear; give the layer to embed from")
     return linears[order[-1]]
 
 
@@ -90,7 +91,7 @@ def neighbours(
     q = wrapped.inputs(query)[:1]
     x = wrapped.inputs(images)
     if not 1 <= k <= len(x):
-        raise ValueError(f"k must be between 1 and the number of images ({len(x)}), not {k}")
+        raise RequestError(f"k must be between 1 and the number of images ({len(x)}), not {k}")
     vectors, name = _embeddings(wrapped, torch.cat([q, x]), layer, batch_size)
     exact = "donot_use_mm_for_euclid_dist"  # the fast form loses digits near zero
     feature = torch.cdist(vectors[:1], vectors[1:], compute_mode=exact)[0]
@@ -132,7 +133,7 @@ def tsne(
     wrapped = as_model(model)
     x = wrapped.inputs(images)
     if len(x) < 5:
-        raise ValueError("t-SNE needs at least 5 images")
+        raise RequestError("t-SNE needs at least 5 images")
     vectors, name = _embeddings(wrapped, x, layer, batch_size)
     perplexity = min(perplexity, (len(x) - 1) / 3)
     points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(

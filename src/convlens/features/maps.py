@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from convlens import viz
+from convlens.checks import RequestError
 from convlens.features.common import Features, gray_tiles, layer_outputs, resolve_layer
 from convlens.hooks import capture, frozen
 from convlens.model import Model, as_model
@@ -33,7 +34,7 @@ def filters(
     name = resolve_layer(wrapped, layer, default="first")
     module = wrapped.layer(name)
     if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d")
+        raise RequestError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d")
     weight = module.weight.detach().float().cpu()
     shown = weight[:max_filters]
     cell = 48
@@ -69,7 +70,7 @@ def activations(
     name = resolve_layer(wrapped, layer)
     maps = layer_outputs(wrapped, x, name)[0]
     if maps.dim() != 3:
-        raise ValueError(f"layer {name!r} gives {tuple(maps.shape)}, not (C, h, w) feature maps")
+        raise RequestError(f"layer {name!r} gives {tuple(maps.shape)}, not (C, h, w) feature maps")
     order = torch.argsort(maps.mean(dim=(1, 2)), descending=True)
     shown = order[:max_channels]
     titles = [f"{int(c)}: {maps[c].mean():.2f}" for c in shown]

@@ -12,8 +12,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from convlens import viz
+from convlens.checks import RequestError, RequestIndexError, pair
 from convlens.features.common import Features, layer_outputs, resolve_layer
-from convlens.hooks import capture, frozen, override_rectifiers, pair, rules
+from convlens.hooks import capture, frozen, override_rectifiers, rules
 from convlens.model import Model, as_model
 
 __all__ = ["ReceptiveField", "receptive_field", "top_patches"]
@@ -86,7 +87,7 @@ def receptive_field(
     target = wrapped.layer(name)
     size = input_size or wrapped.input_size
     if size is None:
-        raise ValueError("give input_size=(H, W) for a bare nn.Module")
+        raise RequestError("give input_size=(H, W) for a bare nn.Module")
     calls: list[nn.Module] = []
 
     def record(module: nn.Module, _args: Any, _out: Any) -> None:
@@ -100,7 +101,7 @@ def receptive_field(
         for handle in handles:
             handle.remove()
     if target not in calls:
-        raise ValueError(f"layer {name!r} is not called in the forward pass")
+        raise RequestError(f"layer {name!r} is not called in the forward pass")
     # a module called more than once is read at its last call (as ``hooks.capture`` does)
     last = len(calls) - 1 - calls[::-1].index(target)
     calls = calls[: last + 1]
@@ -142,9 +143,11 @@ def top_patches(
 
     def strongest(out: Tensor) -> Tensor:  # per image: (value, y, x) of the channel's maximum
         if out.dim() != 4:
-            raise ValueError(f"layer {name!r} gives {tuple(out.shape)}, not (B, C, h, w)")
+            raise RequestError(f"layer {name!r} gives {tuple(out.shape)}, not (B, C, h, w)")
         if not 0 <= channel < out.shape[1]:
-            raise IndexError(f"channel {channel} is out of range for {out.shape[1]} channels")
+            raise RequestIndexError(
+                f"channel {channel} is out of range for {out.shape[1]} channels"
+            )
         value, where = out[:, channel].flatten(1).float().max(dim=1)
         width = out.shape[-1]
         return torch.stack([value, (where // width).float(), (where % width).float()], dim=1)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from convlens import viz
 from convlens.baselines import gaussian_blur
+from convlens.checks import RequestError
 from convlens.features.common import Features, resolve_layer
 from convlens.hooks import capture, frozen
 from convlens.model import Model, as_model
@@ -134,23 +135,23 @@ def class_model(
     """
     wrapped = as_model(model)
     if target is None:
-        raise ValueError("class_model needs a target: a class, a label name, Channel or Neuron")
+        raise RequestError("class_model needs a target: a class, a label name, Channel or Neuron")
     (goal,) = check_target_spec(target, 1, wrapped.labels)
     height, width = size or wrapped.input_size or (224, 224)
     jitter = round(max(height, width) / 14) if jitter is None else jitter
     generator = torch.Generator().manual_seed(seed)
     if objective not in ("logit", "log_probability"):
-        raise ValueError(f"objective must be 'logit' or 'log_probability', not {objective!r}")
+        raise RequestError(f"objective must be 'logit' or 'log_probability', not {objective!r}")
     if objective == "log_probability" and not isinstance(goal, Class):
-        raise ValueError("objective='log_probability' needs a class target")
+        raise RequestError("objective='log_probability' needs a class target")
     if parametrization == "fourier":
         image: nn.Module = FourierImage(height, width, generator)
     elif parametrization == "pixel":
         if init not in ("noise", "blank"):
-            raise ValueError(f"init must be 'noise' or 'blank', not {init!r}")
+            raise RequestError(f"init must be 'noise' or 'blank', not {init!r}")
         image = PixelImage(height, width, generator, std=0.5 if init == "noise" else 0.0)
     else:
-        raise ValueError(f"parametrization must be 'fourier' or 'pixel', not {parametrization!r}")
+        raise RequestError(f"parametrization must be 'fourier' or 'pixel', not {parametrization!r}")
     mean, std = _normaliser(wrapped)
     optimiser = torch.optim.Adam(image.parameters(), lr=lr)
     layers, key = _objective(wrapped, goal)

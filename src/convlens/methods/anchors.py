@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from convlens.methods.base import positive_int
+from convlens.checks import RequestError, positive_int
 from convlens.methods.perturbation import PerturbationMethod, prepare_superpixels
 from convlens.registry import register
 from convlens.targets import Class, Target
@@ -91,7 +91,7 @@ class Anchors(PerturbationMethod):
             _, targets = self.clean_scores(x, targets)
             for i, target in enumerate(targets):
                 if not isinstance(target, Class):
-                    raise ValueError(
+                    raise RequestError(
                         "anchors explains a class (the prediction kept), not "
                         f"{type(target).__name__}"
                     )

@@ -15,20 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from convlens.checks import RequestTypeError
 from convlens.engine import Engine
 from convlens.hooks import capture
 from convlens.model import Model
 from convlens.targets import Target, layer_key, target_layers
 
-__all__ = ["Method", "positive_int"]
-
-
-def positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an integer of at least ``minimum``; a clear error naming it otherwise."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        need = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-        raise ValueError(f"{name} must be {need}, not {value!r}")
-    return value
+__all__ = ["Method"]
 
 
 class Method(ABC):
@@ -66,7 +59,7 @@ class Method(ABC):
         unknown = sorted(set(given) - set(cls.defaults))
         if unknown:
             valid = ", ".join(sorted(cls.defaults)) or "(none)"
-            raise TypeError(
+            raise RequestTypeError(
                 f"method {cls.name!r} got unknown parameter(s) {', '.join(unknown)}; "
                 f"it takes: {valid}"
             )

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convlens.checks import RequestError
 from convlens.engine import model_layout
 from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method
@@ -91,13 +92,13 @@ class CAMMethod(Method):
         if spec is None:
             convs = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Conv2d)}
             if not convs:
-                raise ValueError("the model has no nn.Conv2d to explain; pass layer=NAME")
+                raise RequestError("the model has no nn.Conv2d to explain; pass layer=NAME")
             return convs, True
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         if not specs:
-            raise ValueError("layer is an empty list")
+            raise RequestError("layer is an empty list")
         if len(specs) > 1 and not self.multi_layer:
-            raise ValueError(f"{self.name} explains one layer; only layercam fuses several")
+            raise RequestError(f"{self.name} explains one layer; only layercam fuses several")
         modules = [self.model.layer(s) for s in specs]
         return {id(m): m for m in modules}, False
 
@@ -112,17 +113,17 @@ class CAMMethod(Method):
                 and captured[key].shape[-1] * captured[key].shape[-2] > 1
             ]
             if not spatial:
-                raise ValueError("no convolution in the model has a spatial output; pass layer=")
+                raise RequestError("no convolution in the model has a spatial output; pass layer=")
             keys = [spatial[-1]]
         else:
             keys = list(layers)
             for key in keys:
                 if key not in captured:
                     name = self.model.layer_name(layers[key])
-                    raise ValueError(f"layer {name!r} was not called in the forward pass")
+                    raise RequestError(f"layer {name!r} was not called in the forward pass")
                 if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
                     name = self.model.layer_name(layers[key])
-                    raise ValueError(f"layer {name!r} does not output a (B, C, H, W) tensor")
+                    raise RequestError(f"layer {name!r} does not output a (B, C, H, W) tensor")
         names = [self.model.layer_name(layers[key]) for key in keys]
         self.params["layer"] = names[0] if len(names) == 1 else names
         return keys
@@ -160,7 +161,7 @@ class CAMMethod(Method):
         return upsampled[0] if len(upsampled) == 1 else self.fuse(upsampled)
 
     def fuse(self, maps: list[Tensor]) -> Tensor:
-        raise ValueError(f"{self.name} explains one layer")
+        raise RequestError(f"{self.name} explains one layer")
 
 
 class GradientCAM(CAMMethod):
@@ -335,7 +336,7 @@ class CAM(CAMMethod):
             "generalises CAM to any network."
         )
         if not features.order:
-            raise ValueError(refusal.format(why="this network has no nn.Linear"))
+            raise RequestError(refusal.format(why="this network has no nn.Linear"))
         head = linears[features.order[-1]]
         pooled = activations.mean(dim=(2, 3))
         inputs = features[features.order[-1]]
@@ -343,11 +344,13 @@ class CAM(CAMMethod):
         if inputs.shape != pooled.shape or not torch.allclose(
             inputs, pooled, rtol=1e-4, atol=1e-5 * scale
         ):
-            raise ValueError(refusal.format(why="its last linear layer does not read that pooling"))
+            raise RequestError(
+                refusal.format(why="its last linear layer does not read that pooling")
+            )
         if output.shape != (inputs.shape[0], head.out_features) or not torch.allclose(
             head(inputs), output, rtol=1e-4, atol=1e-5 * output.abs().max().clamp(min=1e-12)
         ):
-            raise ValueError(refusal.format(why="its last linear layer is not the output"))
+            raise RequestError(refusal.format(why="its last linear layer is not the output"))
         return head.weight
 
     @staticmethod
@@ -359,7 +362,7 @@ class CAM(CAMMethod):
             check_class(target.p, len(weights))
             check_class(target.q, len(weights))
             return weights[target.p] - weights[target.q]
-        raise ValueError(
+        raise RequestError(
             "cam explains classes (its weights are the classifier's); use gradcam for "
             f"{type(target).__name__} targets"
         )
@@ -475,7 +478,7 @@ class AblationCAM(ChannelScoringCAM):
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
         if clean == 0:
-            raise ValueError("ablationcam divides by the target score, which is 0 here")
+            raise RequestError("ablationcam divides by the target score, which is 0 here")
         return (clean - scores) / clean
 
 

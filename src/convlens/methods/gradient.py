@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from convlens.baselines import make_baseline
+from convlens.checks import RequestError, positive_int
 from convlens.engine import model_layout
 from convlens.hooks import BackwardRule, override_rectifiers, rules
-from convlens.methods.base import Method, positive_int
+from convlens.methods.base import Method
 from convlens.registry import get_method, register
 from convlens.targets import Target, resolve_targets, score_rows
 
@@ -140,7 +141,7 @@ def integration_points(steps: int, integration: str) -> tuple[Tensor, Tensor]:
         alphas, weights = 0.5 * (nodes + 1), 0.5 * weights
     elif integration == "riemann_trapezoid":
         if steps < 2:
-            raise ValueError("the trapezoid rule needs at least 2 steps")
+            raise RequestError("the trapezoid rule needs at least 2 steps")
         alphas = np.linspace(0, 1, steps)
         weights = np.full(steps, 1 / (steps - 1))
         weights[[0, -1]] /= 2
@@ -149,7 +150,7 @@ def integration_points(steps: int, integration: str) -> tuple[Tensor, Tensor]:
         alphas = (np.arange(steps) + offset) / steps
         weights = np.full(steps, 1 / steps)
     else:
-        raise ValueError(
+        raise RequestError(
             f"unknown integration rule {integration!r}; expected gausslegendre, riemann_left, "
             "riemann_right, riemann_middle or riemann_trapezoid"
         )
@@ -229,7 +230,7 @@ class SmoothGrad(GradientMethod):
     def _base(self) -> GradientMethod:
         base_cls = get_method(self.params["base"])
         if not issubclass(base_cls, GradientMethod) or issubclass(base_cls, SmoothGrad):
-            raise ValueError(
+            raise RequestError(
                 f"smoothgrad wraps a gradient method (saliency, input_x_gradient, deconvnet, "
                 f"guided_backprop, integrated_gradients), not {self.params['base']!r}"
             )
@@ -243,7 +244,7 @@ class SmoothGrad(GradientMethod):
         n_samples, noise = self.params["n_samples"], self.params["noise"]
         positive_int("n_samples", n_samples)
         if noise < 0:
-            raise ValueError(f"noise must be non-negative, not {noise}")
+            raise RequestError(f"noise must be non-negative, not {noise}")
         with torch.no_grad():
             output = self.model.module(model_layout(x))
         self.engine.count(len(x))

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.baselines import gaussian_blur, make_baseline
+from convlens.checks import RequestError, positive_int
 from convlens.engine import model_layout
-from convlens.methods.base import positive_int
 from convlens.methods.perturbation import PerturbationMethod
 from convlens.registry import register
 from convlens.targets import Target, probability_scores
@@ -73,7 +73,7 @@ class MeaningfulPerturbation(PerturbationMethod):
             spread = x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True)
             noise = torch.randn(x.shape, generator=generator).to(x.device)
             return x + 0.2 * spread * noise
-        raise ValueError(f"perturbation must be blur, constant or noise, not {kind!r}")
+        raise RequestError(f"perturbation must be blur, constant or noise, not {kind!r}")
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         params = self.params
@@ -82,9 +82,9 @@ class MeaningfulPerturbation(PerturbationMethod):
         area = params["area"]
         game = "preservation" if area is not None else params["game"]
         if game not in ("deletion", "preservation"):
-            raise ValueError(f"game must be deletion or preservation, not {game!r}")
+            raise RequestError(f"game must be deletion or preservation, not {game!r}")
         if area is not None and not 0 < area < 1:
-            raise ValueError(f"area must be a fraction in (0, 1), not {area}")
+            raise RequestError(f"area must be a fraction in (0, 1), not {area}")
         generator = self.generator()
         maps = []
         with self.engine.task(len(x) * steps):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.baselines import make_baseline
-from convlens.methods.base import Method, positive_int
+from convlens.checks import RequestError, positive_int
+from convlens.methods.base import Method
 from convlens.registry import register
 from convlens.targets import Target, probability_scores, resolve_targets, score_rows, scorer
 
@@ -90,7 +91,7 @@ class Occlusion(PerturbationMethod):
         positive_int("window", window)
         positive_int("stride", stride)
         if window > min(height, width):
-            raise ValueError(f"window {window} is larger than the input ({height}x{width})")
+            raise RequestError(f"window {window} is larger than the input ({height}x{width})")
         baseline = make_baseline(self.params["baseline"], x)
         rows, cols = window_starts(height, window, stride), window_starts(width, window, stride)
         positions = [(top, left) for top in rows for left in cols]
@@ -174,7 +175,7 @@ class RISE(PerturbationMethod):
         positive_int("n_masks", n_masks)
         positive_int("grid", grid)
         if not 0 < p <= 1:
-            raise ValueError(f"p must be in (0, 1], not {p}")
+            raise RequestError(f"p must be in (0, 1], not {p}")
         size = (x.shape[-2], x.shape[-1])
         generator = self.generator()
         maps = []
@@ -223,7 +224,7 @@ def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tens
         elif segmentation == "felzenszwalb":
             labels = skseg.felzenszwalb(picture, scale=100, sigma=0.5, min_size=50)
         else:
-            raise ValueError(
+            raise RequestError(
                 f"unknown segmentation {segmentation!r}; expected slic, quickshift, "
                 "felzenszwalb or an integer label map (H, W)"
             )
@@ -231,7 +232,7 @@ def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tens
     else:
         labels = torch.as_tensor(np.asarray(segmentation))
         if labels.shape != (height, width) or labels.is_floating_point():
-            raise ValueError(
+            raise RequestError(
                 f"a segmentation map must be integers of shape {(height, width)}, not "
                 f"{labels.dtype} {tuple(labels.shape)}"
             )
@@ -399,7 +400,7 @@ class KernelSHAP(SurrogateMethod):
 
     def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
         if m < 2:
-            raise ValueError("kernel_shap needs at least 2 superpixels")
+            raise RequestError("kernel_shap needs at least 2 superpixels")
         sizes = torch.arange(1, m, dtype=torch.float64)
         probability = (m - 1) / (sizes * (m - sizes))
         drawn = torch.multinomial(probability, n - 2, replacement=True, generator=generator) + 1

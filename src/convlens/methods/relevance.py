@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from convlens.checks import RequestError, pair
 from convlens.engine import model_layout
-from convlens.hooks import override_rectifiers, pair, replace_rectifiers
+from convlens.hooks import override_rectifiers, replace_rectifiers
 from convlens.methods.base import Method
 from convlens.registry import register
 from convlens.targets import Predicted, Target, resolve_targets, score_rows
@@ -260,7 +261,7 @@ def redistribute(
     if rule.name == "flat":  # every connection 1, every input 1
         ones = layer.over_inputs(lambda shape: x.new_ones(shape), x)
         return _share(layer, [ones], [torch.ones_like(weight)], relevance, stabilised)
-    raise ValueError(f"unknown LRP rule {rule.name!r}")
+    raise RequestError(f"unknown LRP rule {rule.name!r}")
 
 
 def _share(
@@ -325,7 +326,7 @@ def _gamma(
 def _bound(value: Any, shape: torch.Size, like: Tensor) -> Tensor:
     """A z^B bound (a number, per channel or a tensor) over ``shape``, in ``like``'s layout."""
     if value is None:
-        raise ValueError("the zbox rule needs low and high bounds")
+        raise RequestError("the zbox rule needs low and high bounds")
     bound = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if bound.dim() == 1 and len(shape) == 4:
         bound = bound.view(1, -1, 1, 1)
@@ -737,7 +738,7 @@ class LRP(Method):
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         name = self.params["composite"]
         if name not in COMPOSITES:
-            raise ValueError(f"unknown composite {name!r}; known: {', '.join(COMPOSITES)}")
+            raise RequestError(f"unknown composite {name!r}; known: {', '.join(COMPOSITES)}")
         composite = COMPOSITES[name]
         low, high = self._bounds(x)
         epsilon, gamma = self.params["epsilon"], self.params["gamma"]
@@ -889,7 +890,7 @@ class DeepLift(Method):
             references = torch.as_tensor(self.params["baseline"]).to(x)
             if references.dim() != 4 or references.shape[1:] != x.shape[1:]:
                 shape = ", ".join(map(str, x.shape[1:]))
-                raise ValueError(
+                raise RequestError(
                     f"shap=True needs a baseline set of shape (K, {shape}), not "
                     f"{tuple(references.shape)}"
                 )
@@ -948,7 +949,7 @@ class GradientShap(Method):
 
     def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         from convlens.baselines import make_baseline
-        from convlens.methods.base import positive_int
+        from convlens.checks import positive_int
 
         n = positive_int("n_samples", self.params["n_samples"])
         baseline = self.params["baseline"]
@@ -956,7 +957,7 @@ class GradientShap(Method):
         shared = isinstance(baseline, Tensor) and baseline.dim() == 4
         if shared:  # a distribution of references: each row draws one
             if baseline.shape[1:] != x.shape[1:]:
-                raise ValueError(
+                raise RequestError(
                     f"baseline set of shape {tuple(baseline.shape)} does not match inputs "
                     f"{tuple(x.shape)}"
                 )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from convlens.checks import RequestError, RequestTypeError
 from convlens.explanation import Explanation
 
 __all__ = ["as_boxes", "heatmaps"]
@@ -23,14 +24,16 @@ def heatmaps(attribution: Explanation | Tensor) -> Tensor:
         if heat.dim() == 4:
             heat = heat.sum(dim=1)
         if heat.dim() != 3:
-            raise ValueError(
+            raise RequestError(
                 "an attribution must be (B, H, W), (B, 1, H, W) or (B, C, H, W), not "
                 f"{tuple(attribution.shape)}"
             )
     else:
-        raise TypeError(f"expected an Explanation or a tensor, not {type(attribution).__name__}")
+        raise RequestTypeError(
+            f"expected an Explanation or a tensor, not {type(attribution).__name__}"
+        )
     if not torch.isfinite(heat).all():
-        raise ValueError("the attribution contains NaN or infinite values")
+        raise RequestError("the attribution contains NaN or infinite values")
     return heat
 
 
@@ -43,7 +46,7 @@ def as_boxes(boxes: Any, n: int) -> list[Tensor]:
     if isinstance(boxes, Tensor) or hasattr(boxes, "shape"):
         table = torch.as_tensor(boxes).float()
         if table.dim() != 2 or table.shape[1] != 4:
-            raise ValueError(f"boxes must be (B, 4), not {tuple(table.shape)}")
+            raise RequestError(f"boxes must be (B, 4), not {tuple(table.shape)}")
         per_image = [row[None] for row in table]
     elif isinstance(boxes, Sequence):
         per_image = []
@@ -51,12 +54,12 @@ def as_boxes(boxes: Any, n: int) -> list[Tensor]:
             box = torch.as_tensor(item, dtype=torch.float32)
             per_image.append(box[None] if box.dim() == 1 else box)
     else:
-        raise TypeError(f"boxes must be a tensor or a list, not {type(boxes).__name__}")
+        raise RequestTypeError(f"boxes must be a tensor or a list, not {type(boxes).__name__}")
     if len(per_image) != n:
-        raise ValueError(f"got boxes for {len(per_image)} images but {n} maps")
+        raise RequestError(f"got boxes for {len(per_image)} images but {n} maps")
     for box in per_image:
         if box.dim() != 2 or box.shape[1] != 4 or len(box) == 0:
-            raise ValueError(f"each image needs boxes of shape (K, 4), not {tuple(box.shape)}")
+            raise RequestError(f"each image needs boxes of shape (K, 4), not {tuple(box.shape)}")
         if ((box[:, 2] <= box[:, 0]) | (box[:, 3] <= box[:, 1])).any():
-            raise ValueError(f"boxes must have x1 > x0 and y1 > y0: {box.tolist()}")
+            raise RequestError(f"boxes must have x1 > x0 and y1 > y0: {box.tolist()}")
     return per_image

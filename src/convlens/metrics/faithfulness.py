@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.baselines import make_baseline
+from convlens.checks import RequestError, positive_int
 from convlens.engine import Engine, default_batch_size, freed_memory_kept
 from convlens.explanation import Explanation
 from convlens.hooks import frozen
-from convlens.methods.base import positive_int
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
 from convlens.targets import (
@@ -96,7 +96,7 @@ def _prepare(
     inputs = wrapped.inputs(x)
     heat = heatmaps(attribution)
     if heat.shape[0] != len(inputs) or heat.shape[-2:] != inputs.shape[-2:]:
-        raise ValueError(
+        raise RequestError(
             f"maps of shape {tuple(heat.shape)} do not match inputs of shape {tuple(inputs.shape)}"
         )
     explained = isinstance(attribution, Explanation) and all(
@@ -173,7 +173,7 @@ def _pixel_curve(
     pixels = heat.shape[-1] * heat.shape[-2]
     positive_int("steps", steps)
     if steps > pixels:
-        raise ValueError(f"steps ({steps}) cannot exceed the number of pixels ({pixels})")
+        raise RequestError(f"steps ({steps}) cannot exceed the number of pixels ({pixels})")
     counts = (torch.arange(steps + 1) * pixels + steps // 2) // steps
     base = make_baseline(baseline, inputs)
     ranks = _pixel_ranks(heat).to(inputs.device)
@@ -259,7 +259,7 @@ def region_perturbation(
     n_regions = int(region.max()) + 1
     steps = min(100, n_regions) if steps is None else positive_int("steps", steps)
     if steps > n_regions:
-        raise ValueError(f"steps ({steps}) cannot exceed the number of regions ({n_regions})")
+        raise RequestError(f"steps ({steps}) cannot exceed the number of regions ({n_regions})")
     relevance = torch.zeros(len(heat), n_regions, dtype=torch.float64)
     relevance.index_add_(1, region, heat.flatten(1).double())
     if isinstance(baseline, str) and baseline == "uniform":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from convlens.checks import RequestError
 from convlens.explanation import Explanation
 from convlens.metrics.common import as_boxes, heatmaps
 
@@ -140,7 +141,9 @@ def localization(
         method = attribution.method if isinstance(attribution, Explanation) else ""
         threshold = THRESHOLDS.get(method, DEFAULT_THRESHOLD)
     if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be a fraction of the maximum in [0, 1], not {threshold}")
+        raise RequestError(
+            f"threshold must be a fraction of the maximum in [0, 1], not {threshold}"
+        )
     predicted = torch.stack([heatmap_box(map_.numpy(), threshold) for map_ in heat])
     iou = torch.stack(
         [box_iou(p, truth).max() for p, truth in zip(predicted, per_image, strict=True)]
@@ -169,13 +172,13 @@ def saliency_segmentation(
     heat = heatmaps(attribution)
     if images is None:
         if not isinstance(attribution, Explanation):
-            raise ValueError("give the images (B, H, W, 3) to segment along with a tensor map")
+            raise RequestError("give the images (B, H, W, 3) to segment along with a tensor map")
         images = np.stack([attribution._picture(i) for i in range(len(heat))])
     images = np.asarray(images)
     if images.shape[:3] != tuple(heat.shape):
-        raise ValueError(f"images {images.shape} do not match maps {tuple(heat.shape)}")
+        raise RequestError(f"images {images.shape} do not match maps {tuple(heat.shape)}")
     if not 0 <= background < foreground <= 1:
-        raise ValueError("need 0 <= background < foreground <= 1 (quantiles of the map)")
+        raise RequestError("need 0 <= background < foreground <= 1 (quantiles of the map)")
     masks = []
     for map_, picture in zip(heat.numpy(), images, strict=True):
         seeds = np.zeros(map_.shape, dtype=np.int32)
