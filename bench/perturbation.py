@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import convlens as cl
-from convlens import viz
+from convlens.images import to_pictures
 from convlens.methods.perturbation import superpixels
 from convlens.zoo import LITE_MEAN, LITE_STD
 
@@ -39,7 +39,7 @@ def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:
     import captum.attr as ca
     from lime import lime_image
 
-    picture = viz.to_pictures(x, LITE_MEAN, LITE_STD)[0]
+    picture = to_pictures(x, LITE_MEAN, LITE_STD)[0]
     segments = superpixels(picture, "quickshift", 50).numpy()
     mean = torch.tensor(LITE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(LITE_STD).view(1, 3, 1, 1)

@@ -2,12 +2,13 @@
 
     python -m bench relevance [--repeats 5]
 
-LRP is compared with one forward and backward pass of the bare model at batch 1 (timed
-alternately with it): the work of a gradient, which LRP's rules replace. The suite's floors run
-the bare model on contiguous images, as users do; convlens runs it channels-last, so the suite
-ends with LRP against one fwd+bwd in both layouts. DeepLIFT runs the
-inputs and references as one batch of two; GradientSHAP passes ``n_samples`` images. Oracles:
-captum's DeepLift and GradientShap on the same work.
+LRP (its default composite, ``epsilon_plus_box``) is compared with one forward and backward
+pass of the bare model at batch 1 (timed alternately with it): the work of a gradient, which
+LRP's rules replace. The suite's floors run the bare model on contiguous images, as users do;
+convlens runs it channels-last, so the suite ends with LRP against one fwd+bwd in both
+layouts. DeepLIFT runs the inputs and references as one batch of two; GradientSHAP passes
+``n_samples`` images, drawing each chunk's random numbers as it goes. Oracles: captum's
+DeepLift and GradientShap on the same work.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import convlens as cl
 from .common import forward_backward, kept, setup, suite_main, timed_alternately
 
 SETTINGS = {
-    "lrp": {"composite": "epsilon_plus"},
+    "lrp": {"composite": "epsilon_plus_box"},
     "deeplift": {"baseline": "zero"},
     "gradient_shap": {"n_samples": 16},
 }

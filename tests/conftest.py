@@ -105,3 +105,27 @@ def photos():
     import convlens as cl
 
     return cl.sample_images()
+
+
+def probe(model, x: torch.Tensor) -> int:
+    """Images the next explanation of ``model`` on inputs like ``x`` spends deciding the memory
+    layout (two on a model's first call; counted in ``forwards``)."""
+    from convlens.engine import probe_images
+
+    return probe_images(getattr(model, "module", model), x)
+
+
+@pytest.fixture(autouse=True)
+def _allocator_setting_not_leaked():
+    """No test may leave glibc's keep-freed-memory setting on: it changes the default batch
+    sizes (``convlens.engine.default_batch_size``) of every later test."""
+    from convlens import engine
+
+    yield
+    leaked = dict(engine._KEPT)
+    if leaked["active"] or leaked["scoped"]:
+        engine._KEPT["active"] = engine._KEPT["scoped"] = False
+        engine._set_thresholds(32 << 20, 64 << 20)  # as freed_memory_kept() leaves them
+    assert not leaked["active"] and not leaked["scoped"], (
+        f"the test left convlens.engine._KEPT = {leaked}; restore it (monkeypatch.setitem)"
+    )

@@ -162,3 +162,112 @@ def test_grayscale_and_rgba_files_are_explained(tmp_path):
     rgba = tmp_path / "rgba.png"
     Image.fromarray(rng.integers(0, 255, (64, 80, 4), dtype=np.uint8), "RGBA").save(rgba)
     assert main(["explain", str(gray), str(rgba), "--out", str(tmp_path / "o")]) == 0
+
+
+# -- which errors are the user's (one line, status 2) and which are bugs (a traceback) ----------
+
+
+@pytest.mark.parametrize("error", [TypeError, ValueError, IndexError, KeyError, RuntimeError])
+def test_an_internal_error_propagates_with_its_traceback(monkeypatch, error):
+    import convlens.registry
+
+    def broken(family=None):
+        raise error("internal")
+
+    monkeypatch.setattr(convlens.registry, "list_methods", broken)
+    with pytest.raises(error, match="internal"):
+        main(["methods"])
+
+
+def test_an_internal_error_while_explaining_propagates(tmp_path, photo, monkeypatch):
+    from convlens.registry import get_method
+
+    def broken(self, inputs, targets):
+        raise TypeError("internal")  # a bug inside a method, not a bad request
+
+    monkeypatch.setattr(get_method("saliency"), "explain", broken)
+    args = ["explain", str(photo), "--model", "shapes-cnn", "--methods", "saliency"]
+    with pytest.raises(TypeError, match="internal"):
+        main([*args, "--out", str(tmp_path / "out")])
+
+
+def test_the_program_exits_1_with_a_traceback_on_a_bug_and_2_with_one_line_on_a_bad_request():
+    import subprocess
+    import sys
+
+    bug = (
+        "import sys, convlens.registry as r\n"
+        "def broken(family=None): raise TypeError('internal')\n"
+        "r.list_methods = broken\n"
+        "from convlens.cli import main\n"
+        "sys.exit(main(['methods']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "TypeError: internal" in done.stderr
+    request = [sys.executable, "-m", "convlens.cli", "methods", "--family", "gradiant"]
+    done = subprocess.run(request, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("convlens: error: unknown family 'gradiant'")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["methods", "--family", "gradiant"], "unknown family 'gradiant'"),
+        (["explain", "--methods", "salency", "x.png"], "unknown method 'salency'"),
+        (["explain", "--methods", "saliency", "--model", "no-such.pt", "x.png"], "not found"),
+        (["features", "filters", "--model", "shapes-cnn", "--layer", "nope"], "unknown layer"),
+        (["train", "no-such-folder"], "data folder not found"),
+    ],
+)
+def test_bad_requests_anywhere_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_param_that_is_no_python_literal_is_taken_as_text(tmp_path, photo, capsys):
+    # "{[1]: 2}" makes ast.literal_eval raise TypeError (a list is no dict key), not ValueError
+    args = ["explain", str(photo), "--model", "shapes-cnn", "--methods", "integrated_gradients"]
+    status = main([*args, "--param", "steps={[1]: 2}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "steps" in err and "{[1]: 2}" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", None])
+def test_an_unreadable_concepts_file_is_a_usage_error(tmp_path, capsys, content):
+    concepts = tmp_path / "concepts.pt"
+    if content is not None:
+        concepts.write_bytes(content)
+    args = ["features", "dissect", "--model", "shapes-cnn", "--shapes", "4"]
+    assert main([*args, "--concepts", str(concepts), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "concepts" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_main_leaves_the_allocator_setting_as_it_found_it(capsys):
+    from convlens import engine
+
+    assert not engine.keeping_freed_memory()
+    assert main(["methods"]) == 0
+    assert main(["methods", "--family", "gradiant"]) == 2
+    assert not engine.keeping_freed_memory()
+    assert engine._KEPT == {"active": False, "scoped": False}
+
+
+def test_a_bug_while_reading_an_image_is_not_reported_as_a_skipped_image(
+    tmp_path, photo, monkeypatch
+):
+    from convlens.model import Model
+
+    def broken(self, images):
+        raise TypeError("internal")
+
+    monkeypatch.setattr(Model, "preprocess", broken)
+    args = ["explain", str(photo), "--model", "shapes-cnn", "--methods", "saliency"]
+    with pytest.raises(TypeError, match="internal"):
+        main([*args, "--out", str(tmp_path / "out")])

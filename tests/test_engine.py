@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import tiny, tiny_input
 
 from convlens.engine import Engine, split
+from convlens.model import as_model
+from convlens.targets import Class
 
 
 def test_split_is_balanced_and_complete():
-    assert split(50, 8) == [(0, 7), (7, 14), (14, 21), (21, 29), (29, 36), (36, 43), (43, 50)]
-    assert split(3, 64) == [(0, 3)]
-    assert split(0, 4) == []
+    assert list(split(50, 8)) == [(0, 7), (7, 14), (14, 21), (21, 29), (29, 36), (36, 43), (43, 50)]
+    assert list(split(3, 64)) == [(0, 3)]
+    assert list(split(0, 4)) == []
     for n in range(1, 40):
         for b in range(1, 12):
-            chunks = split(n, b)
+            chunks = list(split(n, b))
             assert chunks[0][0] == 0 and chunks[-1][1] == n
             assert all(0 < stop - start <= b for start, stop in chunks)
+            assert all(a[1] == b_[0] for a, b_ in itertools.pairwise(chunks))
+
+
+def test_split_is_lazy():
+    # a list of 10^12 bounds would not fit in memory: the chunks are made one at a time
+    chunks = split(10**12, 1)
+    assert next(chunks) == (0, 1) and next(chunks) == (1, 2)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_scores_stream_chunks_and_count_forwards(batch_size):
     model, x = tiny(), tiny_input(1)
-    engine = Engine(batch_size, progress=False)
+    engine = Engine(as_model(model), batch_size, progress=False)
     made = []
 
     def make(start, stop):
         made.append(stop - start)
         return x.expand(stop - start, -1, -1, -1) * torch.arange(start, stop).view(-1, 1, 1, 1)
 
-    scores = engine.scores(10, make, lambda out: out[:, 2], model)
+    scores = engine.scores(10, make, Class(2))
     expected = model(x * torch.arange(10).view(-1, 1, 1, 1))[:, 2].detach()
     torch.testing.assert_close(scores, expected)
     assert engine.forwards == 10 and max(made) <= batch_size and sum(made) == 10
@@ -39,7 +50,7 @@ def test_scores_stream_chunks_and_count_forwards(batch_size):
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_batch_size_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="batch_size"):
-        Engine(bad)
+        Engine(as_model(tiny()), bad)
 
 
 def test_default_batch_size_follows_the_allocator_setting(monkeypatch):
@@ -51,10 +62,13 @@ def test_default_batch_size_follows_the_allocator_setting(monkeypatch):
     assert engine.default_batch_size(32) == 32
 
 
-def test_keep_freed_memory_takes_effect_on_linux_glibc():
+def test_keep_freed_memory_takes_effect_on_linux_glibc(monkeypatch):
     import sys
 
+    from convlens import engine
     from convlens.engine import keep_freed_memory, keeping_freed_memory
+
+    monkeypatch.setitem(engine._KEPT, "active", False)  # restored after the test
 
     if sys.platform.startswith("linux"):  # this project's machines: glibc
         assert keep_freed_memory() is True and keeping_freed_memory()
@@ -72,7 +86,7 @@ def test_freed_memory_is_kept_during_explain_only(monkeypatch):
     seen = []
     real = engine.default_batch_size
     monkeypatch.setattr(
-        "convlens.api.default_batch_size",
+        "convlens.engine.default_batch_size",
         lambda preferred: seen.append(engine.keeping_freed_memory()) or real(preferred),
     )
     e = cl.explain(tiny(), tiny_input(), "occlusion", window=4, stride=4, progress=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import captum.attr as ca
 import pytest
 import torch
-from conftest import tiny, tiny_input
+from conftest import probe, tiny, tiny_input
 from torch import nn
 
 import convlens as cl
@@ -139,6 +139,7 @@ def test_integrated_gradients_baselines_equal_captum(x, baseline):
 
 def test_integrated_gradients_completeness_gap_is_reported_and_shrinks(x):
     model = tiny()
+    probed = probe(model, x)
     coarse = explain(model, x, "integrated_gradients", steps=4, integration="riemann_left")
     fine = explain(model, x, "integrated_gradients", steps=512)
     scores = model(x)[range(3), TARGETS] - model(torch.zeros_like(x))[range(3), TARGETS]
@@ -147,7 +148,8 @@ def test_integrated_gradients_completeness_gap_is_reported_and_shrinks(x):
         close(torch.tensor(e.extras["completeness_gap"]), gap, rtol=1e-3)
     assert max(map(abs, fine.extras["completeness_gap"])) < 1e-3
     assert max(map(abs, coarse.extras["completeness_gap"])) > 1e-3
-    assert fine.forwards == 3 * 512 + 6  # steps per input + one batch of inputs and baselines
+    assert coarse.forwards == probed + 3 * 4 + 6  # steps per input + inputs and baselines
+    assert fine.forwards == 3 * 512 + 6
 
 
 @pytest.mark.parametrize("base", ["saliency", "guided_backprop", "input_x_gradient"])

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import convlens as cl
-from convlens.images import ImageError, to_rgb
+from convlens.images import ImageError, to_pictures, to_rgb
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
@@ -94,3 +94,14 @@ def test_sample_images_are_rgb_photos():
     photos = cl.sample_images()
     assert {"chelsea", "coffee", "rocket", "china"} <= set(photos)
     assert all(p.mode == "RGB" and min(p.size) >= 200 for p in photos.values())
+
+
+def test_to_pictures_undoes_the_normalisation_or_stretches():
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    picture = torch.from_numpy(RGB).permute(2, 0, 1)[None].float() / 255
+    x = (picture - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert np.array_equal(to_pictures(x, mean, std)[0], RGB)
+    gray = to_pictures(torch.linspace(-3, 5, 8).view(1, 1, 2, 4))
+    assert gray.shape == (1, 2, 4, 3) and gray.dtype == np.uint8
+    assert gray[0, 0, 0].tolist() == [0, 0, 0] and gray[0, 1, 3].tolist() == [255, 255, 255]

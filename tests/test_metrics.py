@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny, tiny_input
+from conftest import probe, tiny, tiny_input
 from torch import nn
 
 import convlens as cl
@@ -34,12 +34,14 @@ MAP = torch.tensor([[[4.0, 1.0], [3.0, 2.0]]])  # order of removal: pixel 0, 2, 
 
 def test_deletion_and_insertion_on_a_pixel_sum_are_exact():
     # deletion to zero, one pixel per step: sums 10, 9 (-1), 6 (-3), 2 (-4), 0 (-2)
-    d = metrics.deletion(PixelSum(), IMAGE, MAP, target=0, steps=4, score="logit")
+    model = PixelSum()
+    probed = probe(model, IMAGE)
+    d = metrics.deletion(model, IMAGE, MAP, target=0, steps=4, score="logit")
     assert d.fractions.tolist() == [0, 0.25, 0.5, 0.75, 1]
     assert d.scores[0].tolist() == [10, 9, 6, 2, 0]
     assert d.auc[0].item() == pytest.approx(trapezoid([10, 9, 6, 2, 0], [0, 0.25, 0.5, 0.75, 1]))
     assert d.auc[0].item() == pytest.approx(0.25 * (9.5 + 7.5 + 4 + 1))
-    assert d.forwards == 5
+    assert d.forwards == probed + 5
     # insertion on a constant canvas of 0.5: 2, 2.5 (+1-.5), 5 (+3-.5), 8.5 (+4-.5), 10
     i = metrics.insertion(PixelSum(), IMAGE, MAP, target=0, steps=4, baseline=0.5, score="logit")
     assert i.scores[0].tolist() == [2, 2.5, 5, 8.5, 10]
@@ -58,12 +60,14 @@ def test_curves_do_not_depend_on_batch_size():
     model, x = tiny(), tiny_input(3)
     heat = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     for curve in (metrics.deletion, metrics.insertion):
+        probed = probe(model, x)
         one = curve(model, x, heat, steps=16, batch_size=1)
         many = curve(model, x, heat, steps=16, batch_size=64)
         # the same numbers up to float rounding of batched matrix products
         torch.testing.assert_close(one.scores, many.scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(one.auc, many.auc, rtol=1e-5, atol=1e-6)
-        assert one.forwards == many.forwards == 3 * 17 + 3  # + the clean pass for the targets
+        # + the clean pass for the targets
+        assert one.forwards - probed == many.forwards == 3 * 17 + 3
     one = metrics.region_perturbation(model, x, heat, patch=2, batch_size=1)
     many = metrics.region_perturbation(model, x, heat, patch=2, batch_size=64)
     torch.testing.assert_close(one.abpc, many.abpc, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny, tiny_input
 
 import convlens as cl
-from convlens.model import CHECKPOINT_FORMAT
+from convlens.zoo import CHECKPOINT_FORMAT
 
 
 @pytest.mark.parametrize(

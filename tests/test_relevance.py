@@ -1,6 +1,10 @@
-"""LRP rules against matrix-form computations of the same formulas, and conservation."""
+"""LRP rules and composites against matrix-form computations of the same formulas,
+conservation, inner-unit targets, batching, and DeepLIFT / DeepSHAP / GradientSHAP against
+captum."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,15 +14,31 @@ from torch.func import functional_call
 
 import convlens as cl
 from convlens.baselines import make_baseline
-from convlens.methods.relevance import Ledger, Rule, lrp_context
+from convlens.checks import RequestError
+from convlens.methods.relevance import (
+    COMPOSITES,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Ledger,
+    Rule,
+    Settings,
+    ZBox,
+    ZPlus,
+    lrp_context,
+)
+from convlens.targets import Channel, Neuron
 
 RULES = {
-    "epsilon": Rule("epsilon", epsilon=0.01),
-    "gamma": Rule("gamma", gamma=0.25, epsilon=1e-9),
-    "zplus": Rule("zplus", epsilon=1e-9),
-    "alpha_beta": Rule("alpha_beta", alpha=2.0, beta=1.0, epsilon=1e-9),
-    "zbox": Rule("zbox", low=-2.0, high=3.0, epsilon=1e-9),
-    "flat": Rule("flat", epsilon=1e-9),
+    "epsilon": Epsilon(epsilon=0.01),
+    "gamma": Gamma(gamma=0.25, epsilon=1e-9),
+    "zplus": ZPlus(epsilon=1e-9),
+    "zplus_bias": ZPlus(epsilon=1e-9, bias=True),
+    "alpha_beta": AlphaBeta(alpha=2.0, beta=1.0, epsilon=1e-9),
+    "alpha_beta_bias": AlphaBeta(alpha=2.0, beta=1.0, epsilon=1e-9, bias=True),
+    "zbox": ZBox(low=-2.0, high=3.0, epsilon=1e-9),
+    "flat": Flat(epsilon=1e-9),
 }
 
 
@@ -35,7 +55,9 @@ def matrix_rule(
     ones: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R_in of one layer y = M a + b in matrix form (Montavon et al. 2019); ``ones`` is the
-    layer's map with every weight 1 (flat: each connection counts once per use)."""
+    layer's map with every weight 1 (flat: each connection counts once per use). z+ and
+    alpha-beta with ``bias``: b+ joins the positive denominator and b- the negative one, as
+    zennit's ZPlus and AlphaBeta do; without it, biases are left out (Montavon et al. 2017)."""
     mp, mn = m.clamp(min=0), m.clamp(max=0)
     ap, an = a.clamp(min=0), a.clamp(max=0)
     eps = rule.epsilon
@@ -52,13 +74,13 @@ def matrix_rule(
             s = torch.where(mask, r / stabilised(w_pos @ ap + w_neg @ an + bias, eps), 0.0)
             result += ap * (w_pos.T @ s) + an * (w_neg.T @ s)
         return result
-    positive = ap * (mp.T @ (r / stabilised(mp @ ap + mn @ an, eps))) + an * (
-        mn.T @ (r / stabilised(mp @ ap + mn @ an, eps))
-    )
+    bias = getattr(rule, "bias", False)
+    zp = mp @ ap + mn @ an + (b.clamp(min=0) if bias else 0)
+    positive = ap * (mp.T @ (r / stabilised(zp, eps))) + an * (mn.T @ (r / stabilised(zp, eps)))
     if rule.name == "zplus":
         return positive
     if rule.name == "alpha_beta":
-        zn = mn @ ap + mp @ an - 1e-12
+        zn = mn @ ap + mp @ an + (b.clamp(max=0) if bias else 0) - 1e-12
         negative = ap * (mn.T @ (r / stabilised(zn, eps))) + an * (mp.T @ (r / stabilised(zn, eps)))
         return rule.alpha * positive - rule.beta * negative
     if rule.name == "zbox":
@@ -115,32 +137,48 @@ def conv_net() -> nn.Sequential:
     ).double()
 
 
+Choice = Rule | dict[int, Rule]  # one rule for all layers, or rules by position in the net
+
+
 def lrp_with(
-    net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int
+    net: nn.Sequential,
+    x: torch.Tensor,
+    rules: Rule | Callable[[nn.Module], Rule],
+    target: int,
+    epsilon: float | None = None,
 ) -> tuple[torch.Tensor, Ledger]:
+    """LRP of ``net`` for class ``target`` with one rule, or a composite's chooser."""
     ledger = Ledger()
     x = x.clone().requires_grad_(True)
-    with lrp_context(net, x, lambda layer, first: rule, ledger, epsilon=rule.epsilon):
+    choose = (lambda layer: rules) if isinstance(rules, Rule) else rules
+    eps = rules.epsilon if isinstance(rules, Rule) else epsilon
+    with lrp_context(net, choose, ledger, epsilon=eps):
         out = net(x)
         (relevance,) = torch.autograd.grad(out[:, target].sum(), x, out[:, target].detach().sum())
     return relevance, ledger
 
 
-def matrix_lrp(net: nn.Sequential, x: torch.Tensor, rule: Rule, target: int) -> torch.Tensor:
+def matrix_lrp(net: nn.Sequential, x: torch.Tensor, rule: Choice, target: int) -> torch.Tensor:
     """LRP layer by layer in matrix form; average pooling under epsilon, ReLU and Flatten pass
-    relevance on. A module listed twice in ``net`` is used twice (shared weights)."""
+    relevance on. A module listed twice in ``net`` is used twice (shared weights). ``rule``:
+    one rule for every layer, or a rule for each layer's position in ``net``."""
     activations, a = [], x
     for layer in net:
         activations.append(a)
         a = layer(a)
     r = torch.zeros_like(a[0])
     r[target] = a[0, target]
-    for layer, a_in in zip(reversed(net), reversed(activations), strict=True):
+    some = rule if isinstance(rule, Rule) else next(iter(rule.values()))
+    pooling = Epsilon(epsilon=some.epsilon)
+    for i in reversed(range(len(net))):
+        layer, a_in = net[i], activations[i]
+        own = rule if isinstance(rule, Rule) else rule.get(i)
         if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-            r = padded_matrix_lrp(layer, a_in, rule, r)
+            r = padded_matrix_lrp(layer, a_in, own, r)
         elif isinstance(layer, (nn.Linear, nn.Conv2d, nn.AvgPool2d)):
             m, b, ones = layer_matrix(layer, tuple(a_in.shape[1:]))
-            own = rule if not isinstance(layer, nn.AvgPool2d) else Rule("epsilon", rule.epsilon)
+            if isinstance(layer, nn.AvgPool2d):
+                own = pooling
             r = matrix_rule(own, m, b, a_in[0].flatten(), r.flatten(), ones)
         r = r.reshape(a_in.shape[1:])
     return r
@@ -219,6 +257,124 @@ def test_each_rule_equals_its_matrix_form(rule, make, shape):
     torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
 
 
+# zennit's composites (chr5tphr/zennit, src/zennit/composites.py), written out per layer: the
+# rule of each convolution / linear layer of conv_net (layers 0, 2 conv; 5 dense) and of
+# dense_net (layers 0, 2, 4 dense). "First" is the first layer of the kinds zennit's first_map
+# names: a Convolution for z^B (dense_net has none: no z^B), any linear layer for flat.
+ZENNIT = {
+    "epsilon_plus_box": {"conv": ("zbox", "zplus", "epsilon"), "dense": ("epsilon",) * 3},
+    "epsilon_plus": {"conv": ("zplus", "zplus", "epsilon"), "dense": ("epsilon",) * 3},
+    "epsilon_plus_flat": {
+        "conv": ("flat", "zplus", "epsilon"),
+        "dense": ("flat", "epsilon", "epsilon"),
+    },
+    "epsilon_gamma_box": {"conv": ("zbox", "gamma", "epsilon"), "dense": ("epsilon",) * 3},
+    "epsilon_alpha2_beta1": {
+        "conv": ("alpha_beta", "alpha_beta", "epsilon"),
+        "dense": ("epsilon",) * 3,
+    },
+    "epsilon_alpha2_beta1_flat": {
+        "conv": ("flat", "alpha_beta", "epsilon"),
+        "dense": ("flat", "epsilon", "epsilon"),
+    },
+    "epsilon": {"conv": ("epsilon",) * 3, "dense": ("epsilon",) * 3},
+}
+
+
+def named_rule(name: str, bias: bool) -> Rule:
+    """The rule ``name`` with the parameters of ``Settings(epsilon=1e-9, low=-2, high=3)``."""
+    return {
+        "epsilon": Epsilon(epsilon=1e-9),
+        "zplus": ZPlus(epsilon=1e-9, bias=bias),
+        "alpha_beta": AlphaBeta(alpha=2.0, beta=1.0, epsilon=1e-9, bias=bias),
+        "gamma": Gamma(gamma=0.25, epsilon=1e-9),
+        "zbox": ZBox(low=-2.0, high=3.0, epsilon=1e-9),
+        "flat": Flat(epsilon=1e-9),
+    }[name]
+
+
+def test_the_composites_are_zennits():
+    assert set(COMPOSITES) == set(ZENNIT)
+    assert cl.get_method("lrp").defaults["composite"] == "epsilon_plus_box"
+    assert cl.get_method("lrp").defaults["gamma"] == 0.25  # zennit's Gamma default
+    assert {c.zennit for c in COMPOSITES.values()} >= {
+        "EpsilonPlus",
+        "EpsilonPlusFlat",
+        "EpsilonGammaBox",
+        "EpsilonAlpha2Beta1",
+        "EpsilonAlpha2Beta1Flat",
+    }
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("name", ZENNIT)
+@pytest.mark.parametrize("kind, make, shape", [("conv", conv_net, (1, 2, 5, 5)),
+                                               ("dense", dense_net, (1, 6))])  # fmt: skip
+def test_each_composite_equals_its_rules_in_matrix_form(name, bias, kind, make, shape):
+    net = make()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).double()
+    settings = Settings(epsilon=1e-9, gamma=0.25, bias=bias, low=-2.0, high=3.0)
+    chooser = COMPOSITES[name].chooser(settings)
+    ours, _ = lrp_with(net, x, chooser, target=1, epsilon=1e-9)
+    positions = [i for i, layer in enumerate(net) if isinstance(layer, (nn.Conv2d, nn.Linear))]
+    rules = {i: named_rule(r, bias) for i, r in zip(positions, ZENNIT[name][kind], strict=True)}
+    expected = matrix_lrp(net, x, rules, target=1)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-6, atol=1e-9)
+    assert [rules[i].describe() for i in positions] == [
+        ", ".join(chooser.chosen[net[i]]) for i in positions
+    ]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_explain_records_the_rules_and_passes_the_bias_setting(bias):
+    net = conv_net()
+    x = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(3)).double()
+    e = cl.explain(net, x, "lrp", epsilon=1e-9, low=-2.0, high=3.0, bias=bias, target=[1, 1])
+    plus = "zplus_bias" if bias else "zplus"
+    assert e.resolved["composite"] == "epsilon_plus_box"
+    assert e.resolved["rules"] == {"0": "zbox", "2": plus, "5": "epsilon"}
+    assert e.resolved["bounds"] == {"low": -2.0, "high": 3.0}
+    rules = {0: named_rule("zbox", bias), 2: named_rule("zplus", bias), 5: Epsilon(epsilon=1e-9)}
+    for i in range(2):
+        expected = matrix_lrp(net, x[i : i + 1], rules, target=1)
+        torch.testing.assert_close(e.attribution[i], expected.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_bias_true_shares_less_when_biases_are_positive():
+    """zennit's z+ puts b+ into the denominator: positive biases absorb part of the relevance."""
+    net = conv_net()
+    with torch.no_grad():
+        for layer in net:
+            if getattr(layer, "bias", None) is not None:
+                layer.bias.abs_().add_(0.1)
+    x = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(4)).double()
+    without, plain = lrp_with(net, x, ZPlus(epsilon=1e-9), target=0)
+    with_bias, biased = lrp_with(net, x, ZPlus(epsilon=1e-9, bias=True), target=0)
+    assert 0 < with_bias.sum() < without.sum()
+    assert biased.absorbed.item() > plain.absorbed.item()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"composite": "epsilon_plus_boxx"}, r"unknown composite.*known: epsilon_plus_box, "),
+        ({"epsilon": "small"}, "epsilon must be a number"),
+        ({"epsilon": float("nan")}, "epsilon must be a finite number"),
+        ({"epsilon": 0.0}, "epsilon must be positive"),
+        ({"gamma": -0.5}, "gamma must be non-negative"),
+        ({"gamma": float("inf")}, "gamma must be a finite number"),
+        ({"bias": "yes"}, "bias must be True or False"),
+        ({"low": "dark"}, "low must be a number"),
+        ({"high": [1.0, float("nan")]}, "high must be finite"),
+    ],
+)
+def test_lrp_parameters_are_checked_by_name(params, message):
+    from conftest import tiny, tiny_input
+
+    with pytest.raises(RequestError, match=message):
+        cl.explain(tiny(), tiny_input(1), "lrp", **params)
+
+
 def test_a_parametrized_weight_is_recognised():
     """weight_norm computes the convolution's weight at each call: the rule still applies (to
     the weight the call used), where a silent gradient would otherwise pass."""
@@ -273,7 +429,7 @@ def unbiased(net: nn.Sequential) -> nn.Sequential:
 def test_relevance_is_conserved_without_biases(rule):
     net = unbiased(conv_net())
     x = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(3)).double()  # x >= 0
-    chosen = Rule("epsilon", epsilon=1e-9) if rule == "epsilon" else Rule("zplus", epsilon=1e-9)
+    chosen = Epsilon(epsilon=1e-9) if rule == "epsilon" else ZPlus(epsilon=1e-9)
     relevance, ledger = lrp_with(net, x, chosen, target=0)
     logit = net(x)[0, 0]
     assert relevance.sum().item() == pytest.approx(logit.item(), rel=1e-6)
@@ -282,7 +438,7 @@ def test_relevance_is_conserved_without_biases(rule):
 
 def test_biases_absorb_what_input_relevance_lacks():
     net, x = dense_net(), torch.randn(1, 6, generator=torch.Generator().manual_seed(4)).double()
-    relevance, ledger = lrp_with(net, x, Rule("epsilon", epsilon=1e-9), target=2)
+    relevance, ledger = lrp_with(net, x, Epsilon(epsilon=1e-9), target=2)
     logit = net(x)[0, 2].item()
     assert abs(ledger.absorbed.item()) > 1e-3 * abs(logit)  # the biases took some
     assert relevance.sum().item() + ledger.absorbed.item() == pytest.approx(logit, rel=1e-9)
@@ -399,9 +555,10 @@ def test_a_model_with_an_operation_without_rule_is_flagged():
 
 
 @pytest.mark.slow
-def test_relevance_is_conserved_on_the_bundled_model(bundled, photos):
+@pytest.mark.parametrize("composite", ["epsilon_plus_box", "epsilon_plus"])
+def test_relevance_is_conserved_on_the_bundled_model(bundled, photos, composite):
     before = {k: v.clone() for k, v in bundled.module.state_dict().items()}
-    e = cl.explain(bundled, photos["chelsea"], "lrp", composite="epsilon_plus")
+    e = cl.explain(bundled, photos["chelsea"], "lrp", composite=composite)
     (logit,), (absorbed,), (inputs,) = (
         e.extras[k] for k in ("logit", "absorbed", "input_relevance")
     )
@@ -503,12 +660,13 @@ def test_deepshap_equals_captum_deepliftshap():
 
 def test_gradient_shap_equals_captum_on_the_same_draws(monkeypatch):
     """captum draws its noise with torch.normal, references with np.random.choice and path
-    points with np.random.uniform; the same seeds reproduce them, and convlens is given them."""
+    points with np.random.uniform; the same seeds reproduce them, and convlens is given them,
+    chunk by chunk, in place of its own draws (rows input by input, n_samples each)."""
     import captum.attr as ca
     import numpy as np
     from conftest import tiny, tiny_input
 
-    from convlens.methods import relevance
+    from convlens.methods.relevance import deeplift
 
     model, x = tiny("relu6"), tiny_input(2)
     references = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(11))
@@ -523,9 +681,31 @@ def test_gradient_shap_equals_captum_on_the_same_draws(monkeypatch):
     noise = torch.normal(0, torch.tensor(stdev).repeat((2 * n, 3, 8, 8)))
     index = torch.tensor(np.random.choice(5, n * 2))
     alpha = torch.tensor(np.random.uniform(0.0, 1.0, n * 2))
-    monkeypatch.setattr(relevance, "shap_draws", lambda *args: (index, alpha, noise))
-    e = cl.explain(model, x, "gradient_shap", baseline=references, n_samples=n, target=[0, 3])
+    made = [0]
+
+    def captums(generator, rows, k, shape, sd):
+        assert (k, shape, sd) == (5, (3, 8, 8), stdev)
+        start, made[0] = made[0], made[0] + rows
+        return index[start : made[0]], alpha[start : made[0]], noise[start : made[0]]
+
+    monkeypatch.setattr(deeplift, "shap_draws", captums)
+    e = cl.explain(model, x, "gradient_shap", baseline=references, n_samples=n, stdev=stdev,
+                   target=[0, 3], batch_size=5)  # fmt: skip
+    assert made == [2 * n]
     close_to_oracle(e.attribution, theirs)
+
+
+def test_shap_draws_stream_row_by_row():
+    """Drawn in chunks of any size, the rows are the same: the stream goes row by row."""
+    from convlens.methods.relevance import shap_draws
+
+    whole = shap_draws(torch.Generator().manual_seed(3), 7, 4, (2, 3, 3), 0.5)
+    g = torch.Generator().manual_seed(3)
+    parts = [shap_draws(g, rows, 4, (2, 3, 3), 0.5) for rows in (1, 4, 2)]
+    for k in range(3):
+        assert torch.equal(whole[k], torch.cat([part[k] for part in parts]))
+    index, alpha, noise = shap_draws(torch.Generator().manual_seed(3), 5, None, (2,), 0.0)
+    assert index is None and noise is None and alpha.dtype == torch.float64
 
 
 def test_gradient_shap_approaches_the_expected_gradients_integral():
@@ -538,3 +718,125 @@ def test_gradient_shap_approaches_the_expected_gradients_integral():
     with torch.no_grad():
         delta = model(x)[0, 2] - model(torch.zeros_like(x))[0, 2]
     assert e.attribution.sum().item() == pytest.approx(delta.item(), rel=0.05, abs=0.02)
+
+
+# -- the engine: batch sizes, progress, inner-unit targets -----------------------------------------
+
+
+RELEVANCE = {
+    "lrp": {"low": -3.0, "high": 3.0},
+    "deeplift": {"baseline": "blur"},
+    "deepshap": {"shap": True},
+    "gradient_shap": {"n_samples": 5, "stdev": 0.1},
+}
+
+
+def relevance_call(method: str, x: torch.Tensor, **params):
+    """The method's arguments; DeepSHAP takes a set of three references."""
+    params = {**RELEVANCE[method], **params}
+    shape = x.shape[1:]
+    if method == "deepshap":
+        params["baseline"] = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5))
+    if method == "gradient_shap":
+        params["baseline"] = torch.randn(4, *shape, generator=torch.Generator().manual_seed(6))
+    return ("deeplift" if method == "deepshap" else method), params
+
+
+@pytest.mark.parametrize("method", RELEVANCE)
+def test_results_do_not_depend_on_batch_size(method):
+    from conftest import tiny, tiny_input
+
+    model, x = tiny(), tiny_input(5)
+    name, params = relevance_call(method, x)
+    runs = {b: cl.explain(model, x, name, target=[0, 1, 2, 3, 4], batch_size=b, **params)
+            for b in (1, 3, 64)}  # fmt: skip
+    for b in (3, 64):
+        torch.testing.assert_close(runs[b].attribution, runs[1].attribution, rtol=1e-6, atol=1e-7)
+        for key in runs[1].extras:
+            torch.testing.assert_close(
+                torch.tensor(runs[b].extras[key]), torch.tensor(runs[1].extras[key])
+            )
+
+
+@pytest.mark.parametrize("method", RELEVANCE)
+@pytest.mark.parametrize("batch_size", [1, 4, 5])
+def test_model_calls_hold_at_most_a_batch_and_progress_totals_are_exact(method, batch_size,
+                                                                         monkeypatch):  # fmt: skip
+    """Every image is counted; DeepLIFT's calls hold pairs [inputs; references], at most
+    max(batch_size, 2) images; the bar's total is the number of images the method passes."""
+    from conftest import probe, tiny, tiny_input
+
+    from convlens.engine import Engine
+
+    model, x = tiny(), tiny_input(3)
+    name, params = relevance_call(method, x)
+    totals: list[tuple[int, int]] = []
+    task = Engine.task
+
+    def recorded(engine, total):
+        totals.append((total, engine.forwards))
+        return task(engine, total)
+
+    monkeypatch.setattr(Engine, "task", recorded)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    probed = probe(model, x)
+    try:
+        e = cl.explain(model, x, name, batch_size=batch_size, **params)  # Predicted() targets
+    finally:
+        handle.remove()
+    ((total, before),) = totals
+    assert e.forwards - before == total and before == probed
+    assert sum(calls) == e.forwards
+    assert max(calls[1 if probed else 0 :]) <= max(batch_size, 2 if name == "deeplift" else 1)
+    pairs = 3 * (3 if method == "deepshap" else 1)
+    expected = {"lrp": 3, "deeplift": 2 * pairs, "deepshap": 2 * pairs, "gradient_shap": 3 + 15}
+    assert total == expected[method]
+
+
+class ChannelMean(nn.Module):
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a.flatten(2).mean(dim=2)
+
+
+class Unit(nn.Module):
+    def __init__(self, y: int, x: int) -> None:
+        super().__init__()
+        self.y, self.x = y, x
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return a[:, :, self.y, self.x]
+
+
+@pytest.mark.parametrize("method", RELEVANCE)
+@pytest.mark.parametrize("unit", ["channel", "neuron"])
+def test_inner_unit_targets_explain_the_unit_as_a_truncated_model_would(method, unit):
+    """A Channel / Neuron target on layer "2" of relu_net explains what the same method
+    explains for the model cut after that layer, with a head that reads the unit."""
+    model, x = relu_net(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(20))
+    name, params = relevance_call(method, x)
+    head = ChannelMean() if unit == "channel" else Unit(1, 2)
+    target = Channel("2", 4) if unit == "channel" else Neuron("2", 4, 1, 2)
+    truncated = nn.Sequential(*model[:3], head).eval()
+    ours = cl.explain(model, x, name, target=target, **params)
+    theirs = cl.explain(truncated, x, name, target=4, **params)
+    close_to_oracle(ours.attribution, theirs.attribution)
+    assert ours.attribution.abs().sum() > 0 and ours.targets == [target.describe()] * 2
+    for key in ours.extras:
+        torch.testing.assert_close(
+            torch.tensor(ours.extras[key]), torch.tensor(theirs.extras[key]), rtol=1e-4, atol=1e-5
+        )
+    if name == "deeplift":  # summation to delta, for the unit
+        sums = ours.attribution.sum(dim=(1, 2, 3))
+        torch.testing.assert_close(sums, torch.tensor(ours.extras["delta"]).float(),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_gradient_shap_resolves_predicted_targets_on_the_clean_input():
+    from conftest import tiny, tiny_input
+
+    model, x = tiny(), tiny_input(3)
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1).tolist()
+    e = cl.explain(model, x, "gradient_shap", n_samples=4, stdev=2.0, target=[None, 1, None])
+    assert e.targets == [predicted[0], 1, predicted[2]]

@@ -117,3 +117,25 @@ def test_augmentation_is_seeded_and_stays_in_range():
     assert first.shape == (3, 3, 32, 32) and torch.equal(first, again)
     assert not torch.equal(first, other)
     assert first.min() >= 0 and first.max() <= 1
+
+
+def test_save_checkpoint_round_trips_through_load_model(tmp_path):
+    from convlens import zoo
+
+    model = zoo.lite0_transfer(["cat", "dog"], (64, 64), name="pets")
+    with torch.no_grad():
+        model.module._fc.weight.normal_(generator=torch.Generator().manual_seed(0))
+    path = zoo.save_checkpoint(tmp_path / "pets.pt", model, {"epochs": 3, "history": [{"a": 1}]})
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["format"] == zoo.CHECKPOINT_FORMAT and saved["arch"] == "efficientnet-lite0"
+    assert saved["training"] == {"epochs": 3, "history": [{"a": 1}]}
+    loaded = cl.load_model(path)
+    assert cl.load_model is zoo.load_model
+    assert (loaded.name, loaded.labels, loaded.input_size) == ("pets", ["cat", "dog"], (64, 64))
+    assert (loaded.mean, loaded.std, loaded.crop) == (model.mean, model.std, model.crop)
+    assert loaded.cam_layer == model.cam_layer
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model.module(x))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        zoo.save_checkpoint(tmp_path / "x.pt", model, arch="resnet-9000")

@@ -7,12 +7,14 @@ Example:
     >>> e.overlay().save("guided.png")
 """
 
-from convlens import datasets, features, metrics, targets
+# importing convlens.methods registers the built-in methods (their @register decorators)
+from convlens import datasets, features, methods, metrics, targets
 from convlens.api import explain
 from convlens.explanation import Explanation
 from convlens.images import load_image, sample_images
-from convlens.model import Model, load_model, wrap
+from convlens.model import Model, wrap
 from convlens.registry import get_method, list_methods, register
+from convlens.zoo import load_model
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,7 @@ __all__ = [
     "list_methods",
     "load_image",
     "load_model",
+    "methods",
     "metrics",
     "register",
     "sample_images",

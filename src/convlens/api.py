@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from convlens.checks import RequestTypeError
-from convlens.engine import Engine, default_batch_size, freed_memory_kept
+from convlens.engine import session
 from convlens.explanation import Explanation
-from convlens.hooks import frozen
 from convlens.model import Model, as_model
 from convlens.registry import get_method
 from convlens.targets import Class, Contrast, TargetSpec, check_target_spec
@@ -68,41 +67,34 @@ def explain(
     inputs = wrapped.inputs(x).clone()
     targets = check_target_spec(target, len(inputs), wrapped.labels)
     start = time.perf_counter()
-    with freed_memory_kept():
-        if batch_size is None:
-            batch_size = default_batch_size(method_cls.batch_size)
-        engine = Engine(batch_size, progress, method)
-        instance = method_cls(wrapped, engine, params, seed)
-        # methods take gradients: a caller's torch.no_grad() block must not break them
-        with frozen(wrapped.module), torch.enable_grad():
-            attribution, resolved = instance.explain(inputs, targets)
+    with session(wrapped, inputs, batch_size, method_cls.batch_size, progress, method) as engine:
+        instance = method_cls(engine, params, seed)
+        result = instance.explain(inputs, targets)
     seconds = time.perf_counter() - start
 
-    attribution = attribution.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    attribution = result.attribution.detach().to(device="cpu", dtype=torch.float32).contiguous()
     _check_attribution(attribution, inputs, method)
-    record = {**instance.params, "batch_size": engine.batch_size}
+    record = {**params, "batch_size": engine.batch_size}
     if method_cls.random:
         record["seed"] = seed
-    layer_used = instance.params.get("layer")
-    if isinstance(layer_used, (list, tuple)):
-        layer_used = ", ".join(
-            item if isinstance(item, str) else wrapped.layer_name(item) for item in layer_used
-        )
+    resolved = {"layout": engine.layout, **result.resolved}
+    if engine.output:
+        resolved["output"] = engine.output
+    layer_used = resolved.get("layer")
     return Explanation(
         attribution=attribution,
         method=method,
-        targets=[t.describe() for t in resolved],
-        layer=layer_used
-        if layer_used is None or isinstance(layer_used, str)
-        else wrapped.layer_name(layer_used),
+        targets=[t.describe() for t in result.targets],
+        layer=", ".join(layer_used) if isinstance(layer_used, list) else layer_used,
         params=record,
         seconds=seconds,
         forwards=engine.forwards,
         inputs=inputs.detach().to(device="cpu", dtype=torch.float32),
-        reduction=instance.reduction,
-        extras=instance.extras,
-        labels=[_label(wrapped, t) for t in resolved],
+        reduction=result.reduction or method_cls.reduction,
+        extras=result.extras,
+        labels=[_label(wrapped, t) for t in result.targets],
         display=wrapped.to_display(inputs),
+        resolved=resolved,
     )
 
 

@@ -18,13 +18,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from convlens.checks import RequestError
 from convlens.files import write_atomic
+from convlens.images import ImageError
 
 __all__ = ["main"]
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+# What ``main`` prints as one line with exit status 2: the user's request cannot be carried out
+# (a bad argument, a missing file, an unreadable image). Anything else is a bug, in convlens or
+# in the model, and keeps its traceback.
+USAGE_ERRORS = (UsageError, RequestError, FileNotFoundError, ImageError)
 
 
 def _parse_methods(text: str) -> list[str]:
@@ -62,8 +70,8 @@ def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
             raise UsageError(f"--param {item!r} must look like name=value or method.name=value")
         try:
             value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = raw  # not a Python literal ("{[1]: 2}" is a TypeError): the text itself
         method, dot, name = key.rpartition(".")
         if dot:
             if method not in per_method:
@@ -190,9 +198,25 @@ def _feature_images(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     return torch.cat([model.inputs(source) for source in sources]), None
 
 
-def _features(args: argparse.Namespace) -> int:
+def _load_concepts(path: str) -> Any:
+    """The ``--concepts`` file: ``{name: (N, H, W) masks}`` saved with ``torch.save``."""
     import torch
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"concepts file not found: {path}")
+    try:
+        concepts = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure: the file is not what was asked for
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot read --concepts {path}: {message}") from None
+    if not isinstance(concepts, dict):
+        raise UsageError(
+            f"--concepts {path} holds a {type(concepts).__name__}, not {{name: (N, H, W) masks}}"
+        )
+    return concepts
+
+
+def _features(args: argparse.Namespace) -> int:
     import convlens as cl
     from convlens import features
 
@@ -225,7 +249,7 @@ def _features(args: argparse.Namespace) -> int:
             near.save(str(out / "neighbours.png"))
         else:  # dissect
             if args.concepts:
-                concepts = torch.load(args.concepts, map_location="cpu", weights_only=True)
+                concepts = _load_concepts(args.concepts)
             elif data is not None:  # each shape's masks are one concept
                 concepts = {
                     name: data.masks & (data.labels == c).view(-1, 1, 1)
@@ -352,13 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from convlens.engine import keep_freed_memory
+    """Run one command; returns the exit status.
 
-    keep_freed_memory()  # an application may tune the process's allocator: 2-3x faster runs
+    A request that cannot be carried out (:class:`UsageError`, ``convlens.checks.RequestError``,
+    a missing file, an unreadable image) is one line on stderr and status 2; any other
+    exception is a bug and propagates with its traceback (status 1 from Python).
+    """
+    args = build_parser().parse_args(argv)
+    from convlens.engine import freed_memory_kept
+
     try:
-        return args.run(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, IndexError) as error:
+        # glibc keeps freed memory for reuse while the command runs (2-3x faster model calls);
+        # scoped, so that calling main() (from a test, a notebook) leaves the process as it was
+        with freed_memory_kept():
+            return args.run(args)
+    except USAGE_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"convlens: error: {message}", file=sys.stderr)
         return 2

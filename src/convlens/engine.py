@@ -1,34 +1,61 @@
-"""The one batched loop every method runs its model evaluations through.
+"""The one door to the model: every model call of every method, metric and feature function.
 
-It owns the three things that must be the same everywhere: chunking by ``batch_size`` (the only
-knob), the progress bar, and the count of images passed through the model (a gradient counts as
-one forward). Inputs are produced chunk by chunk by the caller's function, so perturbation masks
-or noisy copies never all sit in memory at once.
+:class:`Engine` owns, in one place, what must be the same everywhere:
+
+* chunking by ``batch_size`` (the only knob) and the progress bar, which counts images;
+* the count of images passed through the model (a gradient counts as one forward);
+* device and dtype: inputs go to the model's device and floating dtype, outputs come back as
+  float32 (on the model's device; explanations then move to the CPU);
+* memory layout: channels-last where the model gives the same output on it (about 1.5x faster
+  on CPUs), contiguous where its ``forward`` fails or differs (a ``.view`` flatten), decided
+  once per model and input geometry by a probe of one image (:meth:`Engine.prepare`);
+* model outputs: a tuple, list, namedtuple or dict output gives its logits (the ``logits``
+  entry, else the first tensor), or what ``Model.output`` selects.
+
+On top of the single call (:meth:`Engine.forward`) sit the two loops every method is built of:
+:meth:`Engine.evaluate`, one pass that captures the layers a method needs, resolves
+``Predicted()`` and scores the targets; and :meth:`Engine.stream`, the perturbation template
+(for one input, stream perturbed batches made by a :class:`Sampler` and fold their scores), so
+masks or noisy copies never all sit in memory at once.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+import warnings
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from convlens.checks import RequestError
+from convlens.checks import RequestError, RequestTypeError, positive_int
+from convlens.hooks import Captured, capture, frozen
+from convlens.targets import Target, layer_key, resolve_targets, score_rows, target_layers
+
+if TYPE_CHECKING:
+    from convlens.model import Model
 
 __all__ = [
     "Engine",
+    "Pass",
+    "Sampler",
     "default_batch_size",
     "freed_memory_kept",
     "keep_freed_memory",
     "keeping_freed_memory",
     "model_layout",
+    "probe_images",
+    "select_output",
+    "session",
     "split",
 ]
 
@@ -62,8 +89,8 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     that size are recycled from the heap (measured: system time 9 s -> 0.3 s, Score-CAM 36 ->
     120 images/s). The cost: freed memory stays resident in the process.
 
-    This is process-wide and lasting; the ``convlens`` command calls it at start-up.
-    :func:`convlens.explain` does the same for the duration of one call only
+    This is process-wide and lasting. :func:`convlens.explain` does the same for the duration of
+    one call only, and the ``convlens`` command for the duration of its run
     (:func:`freed_memory_kept`). Linux/glibc only; returns whether it took effect.
     """
     kept = _set_thresholds(limit, limit)
@@ -112,114 +139,364 @@ def default_batch_size(preferred: int) -> int:
 
 
 def model_layout(x: Tensor) -> Tensor:
-    """A batch of images in the channels-last memory format, the layout the model runs on.
-
-    Values are unchanged; CPU convolutions run about 1.5 times faster on it, forward and
-    backward (measured on EfficientNet-Lite0 at batch 8: 39 vs 29 images/s forward+backward).
-    The model's own parameters are not touched.
-    """
+    """A batch of images in the channels-last memory format, the layout models run on when they
+    allow it. Values are unchanged; CPU convolutions run about 1.5 times faster on it, forward
+    and backward (EfficientNet-Lite0 at batch 8: 39 vs 29 images/s forward+backward)."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def split(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``n`` items in balanced chunks of at most ``batch_size``: 50 by 8 is 7 chunks of 7 or 8."""
+def split(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """``n`` items in balanced chunks of at most ``batch_size``, made one at a time:
+    50 by 8 is 7 chunks of 7 or 8."""
     if n <= 0:
-        return []
+        return
     n_chunks = math.ceil(n / batch_size)
-    bounds = [round(i * n / n_chunks) for i in range(n_chunks + 1)]
-    return list(itertools.pairwise(bounds))
+    previous = 0
+    for i in range(1, n_chunks + 1):
+        bound = (i * n + n_chunks // 2) // n_chunks  # round(i * n / n_chunks), exact for any n
+        yield previous, bound
+        previous = bound
+
+
+# What a method scores: (targets, logits, captured layers) -> one number per row.
+Score = Callable[[Any, Tensor, Mapping[Any, Tensor]], Tensor]
+
+
+def select_output(output: Any, choice: Any = None) -> tuple[Tensor, str]:
+    """The logits in a model's output, and where they were found.
+
+    ``choice`` (``Model.output``) is a callable, an index or a key; without it a tensor is the
+    logits, a mapping gives its ``"logits"`` entry (else its first tensor), an object with a
+    ``logits`` attribute (Hugging Face outputs, namedtuples) that attribute, and a tuple or list
+    its first tensor.
+    """
+    if choice is not None:
+        picked = choice(output) if callable(choice) else output[choice]
+        where = getattr(choice, "__name__", "output") if callable(choice) else f"[{choice!r}]"
+        if not isinstance(picked, Tensor):
+            raise RequestTypeError(
+                f"the output selected by {where} is a {type(picked).__name__}, not a tensor"
+            )
+        return picked, where
+    if isinstance(output, Tensor):
+        return output, ""
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), Tensor):
+            return output["logits"], "['logits']"
+        for key, value in output.items():
+            if isinstance(value, Tensor):
+                return value, f"[{key!r}]"
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits, ".logits"
+    elif isinstance(output, (tuple, list)):
+        for i, value in enumerate(output):
+            if isinstance(value, Tensor):
+                return value, f"[{i}]"
+    raise RequestTypeError(
+        f"the model returned a {type(output).__name__} with no tensor of logits; choose one "
+        "with cl.wrap(module, ..., output=KEY or INDEX or FUNCTION)"
+    )
+
+
+@dataclass
+class Pass:
+    """One forward pass over a chunk, with what methods read from it.
+
+    Attributes:
+        inputs: the batch as given (a leaf that requires grad when the pass records a graph).
+        output: the logits, float32.
+        targets: one target per row, ``Predicted()`` resolved on ``output``.
+        scores: (N,) the targets' scores (in the graph when the pass records one).
+        captured: the outputs of the layers asked for and of those the targets read.
+    """
+
+    inputs: Tensor
+    output: Tensor
+    targets: list[Target]
+    scores: Tensor
+    captured: Captured
+
+
+class Sampler(ABC):
+    """One input's perturbations for :meth:`Engine.stream`: ``n`` perturbed inputs made chunk
+    by chunk (:meth:`batch`) and their scores folded chunk by chunk (:meth:`fold`), so they never
+    all sit in memory. A mask-based method is its sampler and what it makes of the fold."""
+
+    n: int
+
+    @abstractmethod
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        """Perturbed inputs ``start:stop``, and what :meth:`fold` needs to know of them."""
+
+    @abstractmethod
+    def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
+        """Take the scores (stop - start,) of the inputs :meth:`batch` made (``made``)."""
+
+    def around(self, made: Any) -> AbstractContextManager[Any]:
+        """A context the chunk's forward runs in (Ablation-CAM edits a layer there)."""
+        return nullcontext()
+
+
+class _Collect(Sampler):
+    """Scores of inputs made by a function, into one buffer."""
+
+    def __init__(self, n: int, make: Callable[[int, int], Tensor]) -> None:
+        self.n, self.make = n, make
+        self.scores: Tensor | None = None
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        return self.make(start, stop), None
+
+    def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
+        if self.scores is None:
+            self.scores = scores.new_empty(self.n)
+        self.scores[start:stop] = scores
+
+
+# Per model: the layout decided for an input geometry, and whether its output was announced.
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
+_ANNOUNCED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class Engine:
-    """Runs chunks of work, counting forwards and showing one progress bar.
+    """Every model call of one explanation (or metric, or feature function) goes through here.
 
     Args:
+        model: the :class:`convlens.Model` (a bare module wrapped by ``model.as_model``).
         batch_size: most images per model call.
         progress: ``True`` always shows a bar, ``False`` never, ``None`` shows one only for
             work that lasts longer than a second.
         description: the bar's label (the method's name).
+
+    :meth:`prepare` decides the layout before the first call (:func:`session` does it).
     """
 
     def __init__(
-        self, batch_size: int, progress: bool | None = None, description: str = ""
+        self, model: Model, batch_size: int, progress: bool | None = None, description: str = ""
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise RequestError(f"batch_size must be a positive integer, not {batch_size!r}")
+        self.model = model
         self.batch_size = batch_size
         self.progress = progress
         self.description = description
         self.forwards = 0
+        self.layout = "contiguous"
+        self.output = ""  # where the logits were found in the output ("" for a tensor)
+        self.device, self.dtype = _placement(model.module)
         self._bar: tqdm | None = None
-        self._depth = 0
+        self._total = 0
 
+    # -- progress and counting ---------------------------------------------------------------------
     def count(self, images: int) -> None:
-        """Record ``images`` images passed through the model."""
+        """Record ``images`` images passed through the model (the bar advances by them)."""
         self.forwards += images
+        if self._bar is not None:
+            self._bar.update(images)
 
     @contextmanager
     def task(self, total: int) -> Iterator[None]:
-        """One progress bar over ``total`` units of work (nested tasks share the outer bar)."""
+        """One progress bar over ``total`` images through the model; nested tasks share the
+        outer bar. Work that ends early (an adaptive search) completes the bar on exit."""
         if self._bar is not None or self.progress is False:
             yield
             return
+        self._total = total
         self._bar = tqdm(
             total=total,
             desc=self.description,
             unit="img",
             delay=0 if self.progress else 1.0,
-            disable=False,
             leave=False,
             dynamic_ncols=True,
         )
         try:
             yield
         finally:
+            self._bar.update(max(0, self._total - self._bar.n))
             self._bar.close()
             self._bar = None
 
-    def advance(self, units: int) -> None:
+    def expect(self, images: int) -> None:
+        """Add ``images`` to the open bar's total (work whose size the first pass reveals)."""
+        self._total += images
         if self._bar is not None:
-            self._bar.update(units)
+            self._bar.total = self._total
+            self._bar.refresh()
 
     def chunks(self, n: int, batch_size: int | None = None) -> Iterator[tuple[int, int]]:
-        """Balanced ``(start, stop)`` chunks of ``n`` items, advancing the progress bar.
+        """Balanced ``(start, stop)`` chunks of ``n`` items, at most ``batch_size`` each."""
+        return split(n, batch_size or self.batch_size)
 
-        Loops may nest (SmoothGrad over integrated gradients): only the outermost advances it.
+    # -- the model call ----------------------------------------------------------------------------
+    def prepare(self, x: Tensor) -> None:
+        """Decide the memory layout for inputs shaped like ``x`` (before any hook is set).
+
+        Channels-last is kept where one image gives the same logits in both layouts; a model
+        whose forward raises on it, or answers differently, runs contiguous. The decision is
+        remembered per model, its modules and the input's shape, dtype and device; a probe
+        costs two forwards of one image, which are counted.
         """
-        outermost = self._depth == 0
-        self._depth += 1
-        try:
-            for start, stop in split(n, batch_size or self.batch_size):
-                yield start, stop
-                if outermost:
-                    self.advance(stop - start)
-        finally:
-            self._depth -= 1
+        module = self.model.module
+        if x.dim() != 4 or x.shape[1] == 1:
+            self.layout = "contiguous"
+            return
+        key = _layout_key(module, x)
+        known = _LAYOUTS.setdefault(module, {})
+        if key in known:
+            self.layout = known[key]
+            return
+        probe = x[:1].detach().to(device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            try:
+                fast: Tensor | None = self._logits(module(model_layout(probe)))
+            except Exception:  # the model's forward cannot take channels-last tensors
+                fast = None
+            plain = self._logits(module(probe.contiguous()))
+        self.count(2)
+        tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 3e-2
+        same = (
+            fast is not None
+            and fast.shape == plain.shape
+            and bool(((fast - plain).abs() <= tolerance * plain.abs().amax().clamp(min=1e-3)).all())
+        )
+        self.layout = known[key] = "channels_last" if same else "contiguous"
+        if not same:
+            log.info("%s runs on contiguous inputs (channels-last failed)", type(module).__name__)
+
+    def forward(self, x: Tensor, grad: bool = False) -> Tensor:
+        """The logits (float32) for one batch, counted; with ``grad`` the call is recorded so
+        that gradients reach ``x`` (or captured layers)."""
+        inputs = x.to(device=self.device, dtype=self.dtype)
+        if self.layout == "channels_last":
+            inputs = model_layout(inputs)
+        with torch.set_grad_enabled(grad):
+            output = self.model.module(inputs)
+            logits = self._logits(output)
+        self.count(len(x))
+        return logits
+
+    def _logits(self, output: Any) -> Tensor:
+        logits, where = select_output(output, getattr(self.model, "output", None))
+        if where and not self.output:
+            self.output = where
+            module = self.model.module
+            if getattr(self.model, "output", None) is None and module not in _ANNOUNCED:
+                _ANNOUNCED.add(module)
+                warnings.warn(
+                    f"{type(module).__name__} returns a {type(output).__name__}; convlens "
+                    f"explains output{where} (shape {tuple(logits.shape)}). Choose another with "
+                    "cl.wrap(module, ..., output=...)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return logits.float()
+
+    # -- passes ------------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        x: Tensor,
+        targets: Sequence[Target],
+        layers: Mapping[Any, nn.Module] | None = None,
+        grad: bool = False,
+        score: Score = score_rows,
+    ) -> Pass:
+        """One pass over one chunk (at most ``batch_size`` rows): the outputs of ``layers`` and
+        of the layers the targets read are captured, ``Predicted()`` is resolved and the
+        targets are scored with ``score``. With ``grad`` the pass is recorded (``x`` becomes a
+        leaf that requires grad if it is not one), so gradients reach inputs and layers."""
+        units = {layer_key(layer): self.model.layer(layer) for layer in target_layers(targets)}
+        if grad and not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with capture({**(layers or {}), **units}) as captured:
+            output = self.forward(x, grad=grad)
+        resolved = resolve_targets(targets, output)
+        with torch.set_grad_enabled(grad):
+            scores = score(resolved, output, captured)
+        return Pass(x, output, resolved, scores, captured)
+
+    def clean(
+        self, x: Tensor, targets: Sequence[Target], score: Score = score_rows
+    ) -> tuple[Tensor, list[Target]]:
+        """Scores of the unperturbed inputs (no gradients), in chunks, and the targets resolved
+        on them."""
+        scores, resolved = [], []
+        for start, stop in self.chunks(len(x)):
+            step = self.evaluate(x[start:stop], targets[start:stop], score=score)
+            scores.append(step.scores)
+            resolved += step.targets
+        return torch.cat(scores), resolved
+
+    def stream(self, sampler: Sampler, target: Target, score: Score = score_rows) -> Sampler:
+        """The perturbation template for one input: ``sampler.n`` perturbed inputs, made and
+        scored chunk by chunk without gradients, each chunk's scores folded into the sampler."""
+        units = {layer_key(layer): self.model.layer(layer) for layer in target_layers([target])}
+        with capture(units) as captured, torch.no_grad():
+            for start, stop in self.chunks(sampler.n):
+                inputs, made = sampler.batch(start, stop)
+                with sampler.around(made):
+                    output = self.forward(inputs)
+                sampler.fold(start, stop, score(target, output, captured), made)
+        return sampler
+
+    def perturb(
+        self,
+        targets: Sequence[Target],
+        sampler: Callable[[int, Target], Sampler],
+        score: Score = score_rows,
+    ) -> list[Sampler]:
+        """:meth:`stream` for each input ``i`` with the sampler ``sampler(i, targets[i])``."""
+        return [self.stream(sampler(i, t), t, score) for i, t in enumerate(targets)]
 
     def scores(
         self,
         n: int,
         make_inputs: Callable[[int, int], Tensor],
-        score: Callable[[Tensor], Tensor],
-        forward: Callable[[Tensor], Tensor],
-        on_chunk: Callable[[int, int, Tensor], None] | None = None,
+        target: Target,
+        score: Score = score_rows,
     ) -> Tensor:
-        """Scores of ``n`` inputs made chunk by chunk, without gradients, into one buffer.
+        """Scores (n,) of ``n`` inputs that ``make_inputs(start, stop)`` makes chunk by chunk."""
+        collected = self.stream(_Collect(positive_int("n", n), make_inputs), target, score)
+        assert isinstance(collected, _Collect) and collected.scores is not None
+        return collected.scores
 
-        ``make_inputs(start, stop)`` builds the chunk, ``forward`` runs the model and ``score``
-        reduces its output to one number per row. Image batches reach the model in
-        :func:`model_layout`. ``on_chunk(start, stop, scores)``, if given, sees each chunk's
-        scores while its inputs still exist (RISE folds its masks into a running sum there).
-        """
-        out: Tensor | None = None
-        with torch.no_grad():
-            for start, stop in self.chunks(n):
-                values = score(forward(model_layout(make_inputs(start, stop))))
-                self.count(stop - start)
-                if on_chunk is not None:
-                    on_chunk(start, stop, values)
-                if out is None:
-                    out = torch.empty(n, dtype=values.dtype, device=values.device)
-                out[start:stop] = values
-        assert out is not None, "no inputs to score"
-        return out
+
+def _layout_key(module: nn.Module, x: Tensor) -> tuple[Any, ...]:
+    device, dtype = _placement(module)
+    return (tuple(map(id, module.modules())), tuple(x.shape[1:]), dtype, device)
+
+
+def probe_images(module: nn.Module, x: Tensor) -> int:
+    """Images the next call on ``module`` with inputs like ``x`` spends deciding the memory
+    layout (:meth:`Engine.prepare`): 2, or 0 where it was decided before or is not needed."""
+    if x.dim() != 4 or x.shape[1] == 1:
+        return 0
+    return 0 if _layout_key(module, x) in _LAYOUTS.get(module, {}) else 2
+
+
+def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of a module's first floating parameter or buffer."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+@contextmanager
+def session(
+    model: Model,
+    x: Tensor,
+    batch_size: int | None = None,
+    preferred: int = 8,
+    progress: bool | None = None,
+    description: str = "",
+) -> Iterator[Engine]:
+    """An engine for work on ``x`` with ``model``: freed memory kept for reuse, the model frozen
+    (eval mode, parameters without gradients, all restored on exit) and gradients enabled
+    (methods take them, also inside a caller's ``torch.no_grad()``); the layout is decided.
+    ``batch_size`` defaults to ``preferred`` (:func:`default_batch_size`)."""
+    with freed_memory_kept(), frozen(model.module), torch.enable_grad():
+        size = default_batch_size(preferred) if batch_size is None else batch_size
+        engine = Engine(model, size, progress, description)
+        engine.prepare(x)
+        yield engine

@@ -17,6 +17,7 @@ from torch import Tensor
 from convlens import viz
 from convlens.checks import RequestError, RequestIndexError
 from convlens.files import save_picture, save_torch
+from convlens.images import to_pictures
 
 __all__ = ["REDUCTIONS", "Explanation"]
 
@@ -37,14 +38,19 @@ class Explanation:
         method: registry name of the method.
         targets: resolved target per input (class index, or a description for other targets).
         layer: name of the layer explained, or ``None``.
-        params: every parameter the method used, defaults included.
+        params: the parameters the caller asked for, defaults included (``batch_size``, and
+            ``seed`` for random methods, too).
         seconds: wall-clock time of the method.
         forwards: images passed through the model (a gradient counts as one forward).
         inputs: the (preprocessed) input batch, float32 on the CPU.
         reduction: how :meth:`heatmap` reduces channels (see ``REDUCTIONS``).
-        extras: method-specific results (e.g. integrated gradients' completeness gap).
+        extras: method-specific results (e.g. integrated gradients' completeness gap); the
+            keys of each method are listed in its class's ``extras``.
         labels: the class name of each target, where the model has labels.
         display: the inputs as RGB pictures (B, H, W, 3) uint8, for overlays.
+        resolved: what convlens decided on the caller's behalf: the memory ``layout`` the
+            model ran in, where the logits were found in its ``output``, and what the method
+            chose (the ``layer``, a base method's parameters, ...).
     """
 
     attribution: Tensor
@@ -59,6 +65,7 @@ class Explanation:
     extras: Mapping[str, Any] = field(default_factory=dict)
     labels: list[str | None] = field(default_factory=list)
     display: np.ndarray | None = field(default=None, repr=False)
+    resolved: Mapping[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -75,7 +82,7 @@ class Explanation:
     def _picture(self, i: int) -> np.ndarray:
         if self.display is not None:
             return self.display[i]
-        return viz.to_pictures(self.inputs[i : i + 1])[0]
+        return to_pictures(self.inputs[i : i + 1])[0]
 
     def overlay(self, i: int = 0, alpha: float = 0.8) -> Image.Image:
         """PIL image of input ``i`` with its heat map laid over it."""
@@ -116,6 +123,7 @@ class Explanation:
             "labels": self.labels,
             "layer": self.layer,
             "params": _jsonable(dict(self.params)),
+            "resolved": _jsonable(dict(self.resolved)),
             "seconds": self.seconds,
             "forwards": self.forwards,
             "extras": _jsonable(dict(self.extras)),

@@ -94,14 +94,13 @@ def capture(layers: Mapping[Any, nn.Module], inputs: bool = False) -> Iterator[C
             handle.remove()
 
 
-def call_order(module: nn.Module, x: Tensor, among: Iterable[nn.Module]) -> list[nn.Module]:
-    """The modules of ``among`` in the order one forward pass of ``x[:1]`` calls them (each
-    once, at its first call), with gradients off and the model frozen meanwhile."""
+def call_order(run: Callable[[], Any], among: Iterable[nn.Module]) -> list[nn.Module]:
+    """The modules of ``among`` in the order the forward pass ``run()`` calls them (each once,
+    at its first call)."""
     order: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda m, _: order.append(m)) for m in among]
     try:
-        with torch.no_grad(), frozen(module):
-            module(x[:1])
+        run()
     finally:
         for handle in handles:
             handle.remove()

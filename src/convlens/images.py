@@ -1,4 +1,5 @@
-"""Reading images and converting them to RGB, whatever their mode, size or dtype.
+"""Reading images and converting them to RGB, whatever their mode, size or dtype, and model
+input batches back to pictures (:func:`to_pictures`).
 
 Grayscale, RGBA, palette, 16-bit and CMYK inputs are converted rather than refused; unreadable
 input (a missing file, a truncated JPEG, a text file named ``.png``) raises a one-line error.
@@ -7,14 +8,16 @@ input (a missing file, a truncated JPEG, a text file named ``.png``) raises a on
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from convlens.checks import RequestTypeError
 
-__all__ = ["ImageLike", "load_image", "sample_images", "to_rgb"]
+__all__ = ["ImageError", "ImageLike", "load_image", "sample_images", "to_pictures", "to_rgb"]
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -118,3 +121,24 @@ def sample_images() -> dict[str, Image.Image]:
     photos = {name: getattr(skimage.data, name)() for name in ("chelsea", "coffee", "rocket")}
     photos["china"] = load_sample_image("china.jpg")
     return {name: to_rgb(array) for name, array in photos.items()}
+
+
+def to_pictures(
+    x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
+    """A (B, C, H, W) model-input batch as RGB pictures (B, H, W, 3) uint8.
+
+    Undoes the normalisation when ``mean`` and ``std`` are known; otherwise each image is
+    stretched to [0, 1]. One channel is shown as gray.
+    """
+    x = x.detach().float().cpu()
+    if mean is not None and std is not None and x.shape[1] == len(mean):
+        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    else:
+        low = x.amin(dim=(1, 2, 3), keepdim=True)
+        high = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - low) / (high - low).clamp(min=1e-12)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x[:, :3]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

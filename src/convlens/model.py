@@ -9,9 +9,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens import viz
 from convlens.checks import RequestError, RequestTypeError
-from convlens.images import ImageLike, to_rgb
+from convlens.images import ImageLike, to_pictures, to_rgb
 
-__all__ = ["Model", "as_model", "check_input", "load_model", "wrap"]
+__all__ = ["Model", "as_model", "check_input", "wrap"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,6 +58,9 @@ class Model:
         input_size: (H, W) the module expects, or ``None`` for a bare module (no preprocessing).
         mean, std: per-channel normalisation applied by :meth:`preprocess`.
         cam_layer: name of the default layer for CAM methods.
+        output: which part of the module's output holds the logits, where it returns a tuple,
+            dict or other object: an index, a key or a function of the output; ``None`` takes
+            the ``logits`` entry or the first tensor (see ``convlens.engine.select_output``).
     """
 
     def __init__(
@@ -73,6 +73,7 @@ class Model:
         cam_layer: str | None = None,
         crop: float = 0.875,
         name: str | None = None,
+        output: Any = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise RequestTypeError(f"expected an nn.Module, not {type(module).__name__}")
@@ -88,6 +89,7 @@ class Model:
         if cam_layer is not None:
             self.layer(cam_layer)  # fail early on a wrong name
         self.cam_layer = cam_layer
+        self.output = output
 
     def __repr__(self) -> str:
         n_labels = len(self.labels) if self.labels else None
@@ -147,19 +149,18 @@ class Model:
 
     def to_display(self, x: Tensor) -> np.ndarray:
         """The batch as RGB pictures (B, H, W, 3) uint8, undoing the normalisation."""
-        return viz.to_pictures(x, self.mean, self.std)
+        return to_pictures(x, self.mean, self.std)
 
     # -- prediction ---------------------------------------------------------------------------
-    def predict(self, x: Any) -> Tensor:
-        """Class probabilities (B, K) for a batch or images."""
+    def predict(self, x: Any, batch_size: int | None = None) -> Tensor:
+        """Class probabilities (B, K) for a batch or images, through the engine (in batches,
+        eval mode meanwhile; every module's train flag is restored afterwards)."""
+        from convlens.engine import session
+
         x = self.inputs(x)
-        was_training = self.module.training
-        try:
-            self.module.eval()
-            with torch.no_grad():
-                return self.module(x).softmax(dim=-1).cpu()
-        finally:
-            self.module.train(was_training)
+        with session(self, x, batch_size, progress=False) as engine:
+            chunks = [engine.forward(x[start:stop]) for start, stop in engine.chunks(len(x))]
+        return torch.cat(chunks).softmax(dim=-1).cpu()
 
     def label(self, index: int) -> str:
         """The name of class ``index`` (its number when the model has no labels)."""
@@ -214,6 +215,7 @@ def wrap(
     labels: Sequence[str] | None = None,
     cam_layer: str | None = None,
     crop: float = 0.875,
+    output: Any = None,
 ) -> Model:
     """Wrap any ``nn.Module`` classifier (logits out) with its preprocessing and labels.
 
@@ -221,7 +223,9 @@ def wrap(
         >>> model = cl.wrap(resnet, labels=my_labels)
         >>> cl.explain(model, "photo.jpg", method="integrated_gradients")
     """
-    return Model(module, input_size, mean, std, labels, cam_layer=cam_layer, crop=crop)
+    return Model(
+        module, input_size, mean, std, labels, cam_layer=cam_layer, crop=crop, output=output
+    )
 
 
 def as_model(model: Model | nn.Module) -> Model:
@@ -232,38 +236,7 @@ def as_model(model: Model | nn.Module) -> Model:
         bare = Model.__new__(Model)
         bare.module = model  # not put in eval mode here: explain() does that for its duration
         bare.input_size = bare.mean = bare.std = bare.labels = bare.cam_layer = None
+        bare.output = None
         bare.crop, bare.name = 1.0, type(model).__name__
         return bare
     raise RequestTypeError(f"expected a convlens.Model or an nn.Module, not {type(model).__name__}")
-
-
-CHECKPOINT_FORMAT = "convlens-checkpoint"
-
-
-def load_model(path: str | os.PathLike | None = None) -> Model:
-    """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
-    (``"efficientnet-lite0"``, ``"shapes-cnn"``), or a checkpoint from ``convlens train``.
-
-    Checkpoints are read with ``torch.load(..., weights_only=True)``: no code is run.
-    """
-    from convlens import zoo
-
-    if path is None:
-        return zoo.efficientnet_lite0()
-    if isinstance(path, str) and path in zoo.ZOO and not Path(path).exists():
-        return zoo.ZOO[path]()
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint not found: {path} (bundled models: {', '.join(zoo.ZOO)})"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise RequestError(f"cannot read checkpoint {path}: {error}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RequestError(
-            f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
-            "model build the nn.Module yourself and use cl.wrap(module, ...)"
-        )
-    return zoo.from_checkpoint(checkpoint)

@@ -2,6 +2,10 @@
 
 Like timm's model registry, this one table drives :func:`convlens.explain`, the command line's
 ``--methods`` choices and the generic test suite that runs over every registered method.
+
+The registry only reads its table: the built-in methods register themselves when
+``convlens.methods`` is imported, which ``import convlens`` (and so the import of any
+``convlens.*`` module) does. It never imports the methods itself, so imports flow one way.
 """
 
 from __future__ import annotations
@@ -38,14 +42,8 @@ def register(name: str, family: str) -> Callable[[M], M]:
     return decorate
 
 
-def _load_builtin_methods() -> None:
-    # Importing the family modules runs their @register decorators.
-    import convlens.methods  # noqa: F401
-
-
 def list_methods(family: str | None = None) -> list[str]:
     """Names of the registered methods, in registration order, optionally of one family."""
-    _load_builtin_methods()
     if family is not None and family not in FAMILIES:
         raise RequestError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     return [name for name, cls in _METHODS.items() if family is None or cls.family == family]
@@ -53,7 +51,6 @@ def list_methods(family: str | None = None) -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     """The class registered under ``name``; a clear error lists the known names otherwise."""
-    _load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:

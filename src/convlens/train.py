@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convlens import viz
+from convlens import viz, zoo
 from convlens.checks import RequestError
-from convlens.files import save_picture, save_torch
+from convlens.files import save_picture
 from convlens.images import ImageError, load_image
-from convlens.model import CHECKPOINT_FORMAT, Model
+from convlens.model import Model
 
 __all__ = ["IMAGE_SUFFIXES", "Folder", "TrainResult", "scan_folder", "stratified_split", "train"]
 
@@ -183,8 +183,6 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from convlens import zoo
-
     if epochs < 1 or batch_size < 1 or image_size < 32:
         raise RequestError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
     say = log or (lambda text: print(text, file=sys.stderr))
@@ -307,32 +305,20 @@ def train(
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     val_accuracy = float(confusion.diag().sum() / confusion.sum())
     seconds = time.perf_counter() - started
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": "efficientnet-lite0",
-        "name": model.name,
-        "state_dict": module.state_dict(),
-        "labels": list(folder.classes),
-        "input_size": [image_size, image_size],
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "crop": model.crop,
-        "cam_layer": model.cam_layer,
-        "training": {
-            "data_dir": str(folder.root),
-            "epochs": epochs,
-            "freeze_backbone": freeze_backbone,
-            "seed": seed,
-            "class_weights": weights.tolist() if weights is not None else None,
-            "history": history,
-            "confusion": confusion.tolist(),
-            "val_accuracy": val_accuracy,
-            "per_class_accuracy": per_class,
-            "validated_on": "validation split" if val_rows else "training images (no split)",
-            "seconds": seconds,
-        },
+    training = {
+        "data_dir": str(folder.root),
+        "epochs": epochs,
+        "freeze_backbone": freeze_backbone,
+        "seed": seed,
+        "class_weights": weights.tolist() if weights is not None else None,
+        "history": history,
+        "confusion": confusion.tolist(),
+        "val_accuracy": val_accuracy,
+        "per_class_accuracy": per_class,
+        "validated_on": "validation split" if val_rows else "training images (no split)",
+        "seconds": seconds,
     }
-    save_torch(checkpoint, out)
+    zoo.save_checkpoint(out, model, training, arch="efficientnet-lite0")
     picture = out.with_name(f"{out.stem}_confusion.png")
     title = f"{model.name}: validation accuracy {val_accuracy:.1%}"
     save_picture(viz.confusion_plot(confusion, folder.classes, title), picture)

@@ -1,12 +1,16 @@
-"""Pictures: colour maps, heat-map overlays, labelled grids and curve plots (matplotlib, Agg)."""
+"""Pictures: colour maps, heat-map overlays, labelled grids and curve plots.
+
+Figures are drawn with matplotlib's object API (:class:`~matplotlib.figure.Figure` on an Agg
+canvas), never through ``pyplot``: importing or using this module leaves the process's
+matplotlib backend (a notebook's, say) as it was.
+"""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -18,33 +22,13 @@ __all__ = [
     "colorize",
     "confusion_plot",
     "curve_plot",
+    "figure_image",
     "grid",
+    "new_figure",
     "normalize",
     "overlay",
     "superpixel_picture",
-    "to_pictures",
 ]
-
-
-def to_pictures(
-    x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-) -> np.ndarray:
-    """A (B, C, H, W) model-input batch as RGB pictures (B, H, W, 3) uint8.
-
-    Undoes the normalisation when ``mean`` and ``std`` are known; otherwise each image is
-    stretched to [0, 1]. One channel is shown as gray.
-    """
-    x = x.detach().float().cpu()
-    if mean is not None and std is not None and x.shape[1] == len(mean):
-        x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-    else:
-        low = x.amin(dim=(1, 2, 3), keepdim=True)
-        high = x.amax(dim=(1, 2, 3), keepdim=True)
-        x = (x - low) / (high - low).clamp(min=1e-12)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = x[:, :3]
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def normalize(heat: np.ndarray, percentile: float = 99.5) -> tuple[np.ndarray, bool]:
@@ -160,15 +144,26 @@ def grid(
     return sheet
 
 
-def figure_image(figure) -> Image.Image:
-    """A matplotlib figure as a PIL image (the figure is closed)."""
-    import io
+def new_figure(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure with one axes on its own Agg canvas, without ``pyplot``: nothing
+    global (backend, current figure) is touched, and the figure is freed with its last
+    reference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    from matplotlib import pyplot as plt
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
+
+def figure_image(figure: Any) -> Image.Image:
+    """A matplotlib figure (from :func:`new_figure`) as a PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
 
@@ -181,9 +176,7 @@ def curve_plot(
     title: str = "",
 ) -> Image.Image:
     """Line plot of named series over ``x``, as a PIL image."""
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(4.5, 3.2))
+    figure, axes = new_figure((4.5, 3.2))
     for name, values in series.items():
         axes.plot(np.asarray(x, dtype=float), np.asarray(values, dtype=float), label=name)
     axes.set_xlabel(xlabel)
@@ -200,13 +193,11 @@ def confusion_plot(
 ) -> Image.Image:
     """A confusion matrix (rows: true class, columns: predicted) with counts in the cells and
     each class's accuracy (recall) beside its name, as a PIL image."""
-    from matplotlib import pyplot as plt
-
     counts = np.asarray(matrix, dtype=np.int64)
     totals = counts.sum(1)
     accuracy = np.divide(np.diag(counts), totals, out=np.zeros(len(counts)), where=totals > 0)
     side = 1.6 + 0.55 * len(classes)
-    figure, axes = plt.subplots(figsize=(side + 1.6, side))
+    figure, axes = new_figure((side + 1.6, side))
     axes.imshow(counts / np.maximum(totals[:, None], 1), cmap="Blues", vmin=0, vmax=1)
     for (row, col), value in np.ndenumerate(counts):
         shade = "white" if value > 0.6 * max(totals[row], 1) else "black"

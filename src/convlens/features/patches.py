@@ -13,9 +13,12 @@ from torch import Tensor, nn
 
 from convlens import viz
 from convlens.checks import RequestError, RequestIndexError, pair
+from convlens.engine import session
 from convlens.features.common import Features, layer_outputs, resolve_layer
-from convlens.hooks import capture, frozen, override_rectifiers, rules
+from convlens.hooks import override_rectifiers, rules
+from convlens.images import to_pictures
 from convlens.model import Model, as_model
+from convlens.targets import Neuron
 
 __all__ = ["ReceptiveField", "receptive_field", "top_patches"]
 
@@ -93,13 +96,14 @@ def receptive_field(
     def record(module: nn.Module, _args: Any, _out: Any) -> None:
         calls.append(module)
 
-    handles = [m.register_forward_hook(record) for m in wrapped.module.modules()]
-    try:
-        with torch.no_grad(), frozen(wrapped.module):
-            wrapped.module(torch.zeros(1, 3, *size, device=wrapped.device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    probe = torch.zeros(1, 3, *size)
+    with session(wrapped, probe, progress=False) as engine:
+        handles = [m.register_forward_hook(record) for m in wrapped.module.modules()]
+        try:
+            engine.forward(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
     if target not in calls:
         raise RequestError(f"layer {name!r} is not called in the forward pass")
     # a module called more than once is read at its last call (as ``hooks.capture`` does)
@@ -139,7 +143,6 @@ def top_patches(
     wrapped = as_model(model)
     x = wrapped.inputs(images)
     name = resolve_layer(wrapped, layer)
-    module = wrapped.layer(name)
 
     def strongest(out: Tensor) -> Tensor:  # per image: (value, y, x) of the channel's maximum
         if out.dim() != 4:
@@ -155,24 +158,22 @@ def top_patches(
     best = layer_outputs(wrapped, x, name, batch_size, progress=progress, select=strongest)
     values, positions = best[:, 0], best[:, 1:].long()
     order = torch.argsort(values, descending=True, stable=True)[:k]
-    with frozen(wrapped.module), torch.enable_grad():
-        field = receptive_field(wrapped, name, tuple(x.shape[-2:]))
-        pictures = torch.from_numpy(wrapped.to_display(x[order])).permute(0, 3, 1, 2).float() / 255
-        patches, projections, boxes = [], [], []
+    field = receptive_field(wrapped, name, tuple(x.shape[-2:]))
+    pictures = torch.from_numpy(wrapped.to_display(x[order])).permute(0, 3, 1, 2).float() / 255
+    patches, projections, boxes = [], [], []
+    with session(wrapped, x, progress=False) as engine:
         for row, i in enumerate(order.tolist()):
             y, xx = positions[i].tolist()
             box = field.box(y, xx)
-            image = x[i : i + 1].clone().requires_grad_(True)
-            with capture({0: module}) as seen, override_rectifiers(rules.deconvnet):
-                wrapped.module(image)
-                unit = seen[0][0, channel, y, xx]
-                (gradient,) = torch.autograd.grad(unit, image)
+            with override_rectifiers(rules.deconvnet):
+                step = engine.evaluate(x[i : i + 1], [Neuron(name, channel, y, xx)], grad=True)
+            (gradient,) = torch.autograd.grad(step.scores.sum(), step.inputs)
             x0, y0, x1, y1 = box
             boxes.append(box)
             patches.append(pictures[row, :, y0:y1, x0:x1])
             projections.append(gradient[0, :, y0:y1, x0:x1].detach().float().cpu())
     tiles = [Image.fromarray((p * 255).round().byte().permute(1, 2, 0).numpy()) for p in patches]
-    tiles += [Image.fromarray(viz.to_pictures(p[None])[0]) for p in projections]
+    tiles += [Image.fromarray(to_pictures(p[None])[0]) for p in projections]
     titles = [f"#{i}: {values[i]:.2f}" for i in order.tolist()] + ["deconvnet"] * len(order)
     picture = viz.grid(tiles, titles, columns=len(order), cell=96, padding=2)
     data = {

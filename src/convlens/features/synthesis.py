@@ -21,13 +21,14 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from convlens import viz
 from convlens.baselines import gaussian_blur
 from convlens.checks import RequestError
+from convlens.engine import session
 from convlens.features.common import Features, resolve_layer
-from convlens.hooks import capture, frozen
+from convlens.hooks import capture
+from convlens.images import to_pictures
 from convlens.model import Model, as_model
-from convlens.targets import Class, Target, check_target_spec, layer_key, layer_of
+from convlens.targets import Class, check_target_spec
 
 __all__ = ["class_model", "deep_dream"]
 
@@ -90,12 +91,6 @@ def _augment(
     return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
 
 
-def _objective(model: Model, target: Target) -> tuple[dict[Any, nn.Module], Any]:
-    layer = layer_of(target)
-    layers = {} if layer is None else {layer_key(layer): model.layer(layer)}
-    return layers, layer_key(layer)
-
-
 def class_model(
     model: Model | nn.Module,
     target: Any,
@@ -154,18 +149,15 @@ def class_model(
         raise RequestError(f"parametrization must be 'fourier' or 'pixel', not {parametrization!r}")
     mean, std = _normaliser(wrapped)
     optimiser = torch.optim.Adam(image.parameters(), lr=lr)
-    layers, key = _objective(wrapped, goal)
     scores, probabilities = [], []
 
-    def evaluate(x: Tensor) -> tuple[Tensor, Tensor | None]:
-        with capture(layers) as seen:
-            output = wrapped.module(x)
-        score = goal.score(output, seen.get(key))[0]
+    def evaluate(x: Tensor, grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        step = engine.evaluate(x, [goal], grad=grad)
         if not isinstance(goal, Class):
-            return score, None
-        return score, output.log_softmax(-1)[0, goal.index]
+            return step.scores[0], None
+        return step.scores[0], step.output.log_softmax(-1)[0, goal.index]
 
-    with frozen(wrapped.module), torch.enable_grad():
+    with session(wrapped, torch.zeros(1, 3, height, width), progress=False) as engine:
         bar = tqdm(
             range(steps),
             desc="class model",
@@ -190,12 +182,12 @@ def class_model(
                     image.pixels.copy_(gaussian_blur(image.pixels, blur_sigma))
         with torch.no_grad():
             final = (image() - mean) / std
-            score, log_probability = evaluate(final)
+            score, log_probability = evaluate(final, grad=False)
             probability = None if log_probability is None else log_probability.exp()
     scores.append(float(score))
     if probability is not None:
         probabilities.append(float(probability))
-    picture = Image.fromarray(viz.to_pictures(final, wrapped.mean, wrapped.std)[0])
+    picture = Image.fromarray(to_pictures(final, wrapped.mean, wrapped.std)[0])
     info = {"target": goal.describe(), "steps": steps, "score": scores[-1]}
     data: dict[str, Any] = {"image": final.detach(), "scores": torch.tensor(scores)}
     if probabilities:
@@ -236,10 +228,10 @@ def deep_dream(
 
     def objective(v: Tensor) -> Tensor:
         with capture({0: module}) as seen:
-            wrapped.module(v)
+            engine.forward(v, grad=torch.is_grad_enabled())
         return seen[0].pow(2).mean()
 
-    with frozen(wrapped.module), torch.enable_grad():
+    with session(wrapped, x, progress=False) as engine:
         with torch.no_grad():
             before = float(objective(x))
         height, width = x.shape[-2:]
@@ -274,7 +266,7 @@ def deep_dream(
         bar.close()
         with torch.no_grad():
             after = float(objective(current))
-    picture = Image.fromarray(viz.to_pictures(current, wrapped.mean, wrapped.std)[0])
+    picture = Image.fromarray(to_pictures(current, wrapped.mean, wrapped.std)[0])
     info = {"layer": name, "objective_before": before, "objective_after": after}
     data = {"image": current.detach(), "objective": torch.tensor([before, after])}
     return Features("deep_dream", data, picture, info)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from convlens.checks import RequestError, positive_int
+from convlens.methods.base import Result
 from convlens.methods.perturbation import PerturbationMethod, prepare_superpixels
 from convlens.registry import register
 from convlens.targets import Class, Target
@@ -79,16 +80,20 @@ class Anchors(PerturbationMethod):
         "max_size": 10,
         "n_samples": 20000,
     }
+    extras: ClassVar[dict[str, str]] = {
+        "anchor": "per input: the anchor's superpixels, its precision and coverage, found "
+        "(whether the threshold was reached), the samples used and the segments (H, W)",
+    }
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         params = self.params
         batch = positive_int("batch", params["batch"])
         budget = positive_int("n_samples", params["n_samples"])
         pictures = self.model.to_display(x)
         generator = self.generator()
         maps, found = [], []
-        with self.engine.task(len(x) * budget):
-            _, targets = self.clean_scores(x, targets)
+        with self.engine.task(len(x) * (1 + budget)):  # the search may stop before its budget
+            _, targets = self.engine.clean(x, targets)
             for i, target in enumerate(targets):
                 if not isinstance(target, Class):
                     raise RequestError(
@@ -113,8 +118,13 @@ class Anchors(PerturbationMethod):
                         "segments": segments.cpu(),
                     }
                 )
-        self.extras["anchor"] = found
-        return torch.cat(maps), targets
+        return Result(torch.cat(maps), targets, extras={"anchor": found})
+
+
+def _kept(target: Target, output: Tensor, unit: Any) -> Tensor:
+    """1 where the prediction is the anchored class, else 0."""
+    assert isinstance(target, Class)
+    return (output.argmax(-1) == target.index).float()
 
 
 class _Search:
@@ -156,12 +166,7 @@ class _Search:
             )
             return fills[start:stop] + shown * (self.x - fills[start:stop])
 
-        hits = self.method.engine.scores(
-            self.batch,
-            perturbed,
-            lambda out: (out.argmax(-1) == self.target.index).to(self.x.dtype),
-            self.method.model.module,
-        )
+        hits = self.method.engine.scores(self.batch, perturbed, self.target, _kept)
         record = self.stats.setdefault(anchor, [0.0, 0.0])
         record[0] += float(hits.sum())
         record[1] += self.batch

@@ -1,27 +1,49 @@
 """The base class every explanation method derives from.
 
-A method is one class with one ``@register``: it declares its parameters' defaults and
-implements :meth:`Method.explain`. The plumbing it shares (target layers to capture, the engine,
-the seeded generator) lives here, so methods contain only their own mathematics.
+A method is one class with one ``@register``: it declares its parameters' defaults and the
+``extras`` it reports, and implements :meth:`Method.explain`, which returns a :class:`Result`.
+Everything a method does to the model goes through its engine (``self.engine``: chunking,
+counting, device, dtype, layout, output selection, the first pass and the perturbation loop),
+so a method file holds only its mathematics.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from convlens.checks import RequestTypeError
 from convlens.engine import Engine
-from convlens.hooks import capture
 from convlens.model import Model
-from convlens.targets import Target, layer_key, target_layers
+from convlens.targets import Target
 
-__all__ = ["Method"]
+__all__ = ["Method", "Result"]
+
+
+@dataclass
+class Result:
+    """What a method returns: the attribution, the targets it explained, and what it decided.
+
+    Attributes:
+        attribution: (B, 1 or C, H, W) at input resolution.
+        targets: one resolved target per input.
+        resolved: what the method chose itself, as data (the layer, the base method's
+            parameters, the game actually played, ...); ``params`` stays what the caller asked.
+        extras: method-specific results, each key documented in the method's ``extras``.
+        reduction: the heat map's channel reduction where it is not the class's own
+            (SmoothGrad takes its base method's).
+    """
+
+    attribution: Tensor
+    targets: list[Target]
+    resolved: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    reduction: str | None = None
 
 
 class Method(ABC):
@@ -31,6 +53,7 @@ class Method(ABC):
         name, family: set by ``@register``.
         description: one line for ``convlens methods``.
         defaults: every parameter the method takes, with its default.
+        extras: the keys of ``Explanation.extras`` the method fills, each with its meaning.
         reduction: how ``Explanation.heatmap`` reduces channels.
         batch_size: default number of images per model call.
         random: whether the method draws random numbers (then ``seed`` matters).
@@ -41,17 +64,17 @@ class Method(ABC):
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     defaults: ClassVar[Mapping[str, Any]] = {}
-    reduction: str = "max_abs"
+    extras: ClassVar[Mapping[str, str]] = {}
+    reduction: ClassVar[str] = "max_abs"
     batch_size: ClassVar[int] = 8
     random: ClassVar[bool] = False
     uses_layer: ClassVar[bool] = False
 
-    def __init__(self, model: Model, engine: Engine, params: Mapping[str, Any], seed: int = 0):
-        self.model = model
+    def __init__(self, engine: Engine, params: Mapping[str, Any], seed: int = 0):
         self.engine = engine
-        self.params = dict(params)
+        self.model: Model = engine.model
+        self.params: Mapping[str, Any] = dict(params)
         self.seed = seed
-        self.extras: dict[str, Any] = {}
 
     @classmethod
     def resolve_params(cls, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,17 +92,7 @@ class Method(ABC):
         """A CPU generator seeded with the call's ``seed`` (reproducible bit for bit)."""
         return torch.Generator(device="cpu").manual_seed(self.seed)
 
-    def capturing(self, targets: Sequence[Target]) -> AbstractContextManager[dict[Any, Tensor]]:
-        """Capture the inner layers that ``targets`` read (``Channel``, ``Neuron``)."""
-        layers: dict[Any, nn.Module] = {
-            layer_key(layer): self.model.layer(layer) for layer in target_layers(targets)
-        }
-        return capture(layers)
-
     @abstractmethod
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        """Attributions for the batch ``x`` and the resolved targets (one per input).
-
-        ``targets`` may still contain ``Predicted()``: the method resolves it from its first
-        forward pass of the clean input (``convlens.targets.resolve_targets``).
-        """
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        """Attributions for the batch ``x`` (one target per input; ``Predicted()`` targets are
+        resolved by the method's first pass, ``Engine.evaluate``)."""

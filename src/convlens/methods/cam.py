@@ -13,9 +13,9 @@ choices each paper makes are recorded in ``Explanation.params``.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from functools import partial
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens.checks import RequestError
-from convlens.engine import model_layout
+from convlens.engine import Sampler, Score
 from convlens.hooks import Captured, capture, edit_output
-from convlens.methods.base import Method
+from convlens.methods.base import Method, Result
 from convlens.methods.gradient import GuidedBackprop
 from convlens.registry import register
 from convlens.targets import (
@@ -34,7 +34,6 @@ from convlens.targets import (
     Target,
     check_class,
     probability_scores,
-    resolve_targets,
     score_rows,
 )
 
@@ -75,6 +74,18 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     )
 
 
+@dataclass
+class _Clean:
+    """What a CAM reads from the clean inputs' pass."""
+
+    activations: list[Tensor]  # per explained layer, (B, K, h, w)
+    scores: Tensor  # (B,) the targets' scores
+    targets: list[Target]
+    names: list[str]  # the explained layers' names
+    layer: nn.Module  # the (first) explained layer
+    calls: int  # how often it is called in one forward pass
+
+
 class CAMMethod(Method):
     """Base of the CAM family: layer choice, capture and upsampling."""
 
@@ -102,13 +113,16 @@ class CAMMethod(Method):
         modules = [self.model.layer(s) for s in specs]
         return {id(m): m for m in modules}, False
 
-    def _chosen(self, captured: Captured, layers: dict[int, nn.Module], auto: bool) -> list[int]:
-        """Keys of the layers to explain, and their names recorded in ``params``."""
+    def _chosen(
+        self, captured: Captured, layers: dict[int, nn.Module], auto: bool
+    ) -> tuple[list[int], list[str]]:
+        """Keys of the layers to explain, and their names."""
         if auto:
             spatial = [
                 key
                 for key in captured.order
-                if isinstance(captured[key], Tensor)
+                if key in layers
+                and isinstance(captured[key], Tensor)
                 and captured[key].dim() == 4
                 and captured[key].shape[-1] * captured[key].shape[-2] > 1
             ]
@@ -124,34 +138,32 @@ class CAMMethod(Method):
                 if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
                     name = self.model.layer_name(layers[key])
                     raise RequestError(f"layer {name!r} does not output a (B, C, H, W) tensor")
-        names = [self.model.layer_name(layers[key]) for key in keys]
-        self.params["layer"] = names[0] if len(names) == 1 else names
-        return keys
+        return keys, [self.model.layer_name(layers[key]) for key in keys]
+
+    @staticmethod
+    def resolved(names: list[str]) -> dict[str, Any]:
+        """The layer(s) chosen, as ``Result.resolved`` records them."""
+        return {"layer": names[0] if len(names) == 1 else names}
 
     # -- forward passes -----------------------------------------------------------------------
-    def clean_forward(
-        self, x: Tensor, targets: list[Target]
-    ) -> tuple[list[Tensor], Tensor, list[Target], nn.Module, int]:
-        """Activations (one per layer), target scores, resolved targets, the (first) layer's
-        module and how often it is called per forward pass; no gradients."""
+    def clean_forward(self, x: Tensor, targets: list[Target]) -> _Clean:
+        """The explained layers' activations, the target scores and the resolved targets of
+        the clean inputs, in chunks, without gradients."""
         layers, auto = self._candidates()
         parts: list[list[Tensor]] = []
         scores, resolved = [], []
         keys: list[int] = []
+        names: list[str] = []
         calls = 1
-        with torch.no_grad():
-            for start, stop in self.engine.chunks(len(x)):
-                with capture(layers) as captured, self.capturing(targets) as unit:
-                    output = self.model.module(model_layout(x[start:stop]))
-                self.engine.count(stop - start)
-                chunk_targets = resolve_targets(targets[start:stop], output)
-                keys = self._chosen(captured, layers, auto)
-                calls = captured.calls[keys[0]]
-                parts.append([captured[key] for key in keys])
-                scores.append(score_rows(chunk_targets, output, unit))
-                resolved += chunk_targets
+        for start, stop in self.engine.chunks(len(x)):
+            step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
+            keys, names = self._chosen(step.captured, layers, auto)
+            calls = step.captured.calls[keys[0]]
+            parts.append([step.captured[key].float() for key in keys])
+            scores.append(step.scores)
+            resolved += step.targets
         activations = [torch.cat([part[i] for part in parts]) for i in range(len(keys))]
-        return activations, torch.cat(scores), resolved, layers[keys[0]], calls
+        return _Clean(activations, torch.cat(scores), resolved, names, layers[keys[0]], calls)
 
     def finish(self, maps: list[Tensor], size: Sequence[int]) -> Tensor:
         """ReLU (if asked) and upsampling of each layer's map; several layers are fused."""
@@ -173,29 +185,25 @@ class GradientCAM(CAMMethod):
 
     def activations_and_gradients(
         self, x: Tensor, targets: list[Target]
-    ) -> tuple[list[Tensor], list[Tensor], list[Target]]:
+    ) -> tuple[list[Tensor], list[Tensor], list[Target], list[str]]:
         """One forward pass and one backward pass that stops at the explained layer(s)."""
         layers, auto = self._candidates()
-        inputs = model_layout(x.detach()).requires_grad_(True)  # graph exists, weights frozen
-        with capture(layers) as captured, self.capturing(targets) as unit:
-            output = self.model.module(inputs)
-        targets = resolve_targets(targets, output)
-        keys = self._chosen(captured, layers, auto)
-        activations = [captured[key] for key in keys]
-        scores = score_rows(targets, output, unit)
-        gradients = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
-        self.engine.count(len(x))
+        step = self.engine.evaluate(x, targets, layers=layers, grad=True)
+        keys, names = self._chosen(step.captured, layers, auto)
+        activations = [step.captured[key] for key in keys]
+        gradients = torch.autograd.grad(step.scores.sum(), activations, allow_unused=True)
         gradients = [
-            torch.zeros_like(a) if g is None else g
+            torch.zeros_like(a).float() if g is None else g.float()
             for a, g in zip(activations, gradients, strict=True)
         ]
-        return [a.detach() for a in activations], gradients, targets
+        return [a.detach().float() for a in activations], gradients, step.targets, names
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         maps, resolved = [], []
+        names: list[str] = []
         with self.engine.task(len(x)):
             for start, stop in self.engine.chunks(len(x)):
-                activations, gradients, chunk_targets = self.activations_and_gradients(
+                activations, gradients, chunk_targets, names = self.activations_and_gradients(
                     x[start:stop], targets[start:stop]
                 )
                 layer_maps = [
@@ -203,7 +211,7 @@ class GradientCAM(CAMMethod):
                 ]
                 maps.append(self.finish(layer_maps, x.shape[-2:]))
                 resolved += chunk_targets
-        return torch.cat(maps), resolved
+        return Result(torch.cat(maps), resolved, self.resolved(names))
 
 
 @register("gradcam", "cam")
@@ -310,22 +318,22 @@ class CAM(CAMMethod):
     description = "class activation map from a GAP + linear head (Zhou et al. 2016)"
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         layers, auto = self._candidates()
         linears = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Linear)}
         maps, resolved = [], []
+        names: list[str] = []
         with self.engine.task(len(x)), torch.no_grad():
             for start, stop in self.engine.chunks(len(x)):
-                with capture(layers) as captured, capture(linears, inputs=True) as features:
-                    output = self.model.module(model_layout(x[start:stop]))
-                self.engine.count(stop - start)
-                chunk_targets = resolve_targets(targets[start:stop], output)
-                (key,) = self._chosen(captured, layers, auto)
-                weights = self._class_weights(captured[key], output, features, linears)
-                rows = torch.stack([self._row_weights(t, weights) for t in chunk_targets])
-                maps.append(self.finish([weighted_sum(captured[key], rows)], x.shape[-2:]))
-                resolved += chunk_targets
-        return torch.cat(maps), resolved
+                with capture(linears, inputs=True) as features:
+                    step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
+                (key,), names = self._chosen(step.captured, layers, auto)
+                activations = step.captured[key].float()
+                weights = self._class_weights(activations, step.output, features, linears)
+                rows = torch.stack([self._row_weights(t, weights) for t in step.targets])
+                maps.append(self.finish([weighted_sum(activations, rows)], x.shape[-2:]))
+                resolved += step.targets
+        return Result(torch.cat(maps), resolved, self.resolved(names))
 
     def _class_weights(
         self, activations: Tensor, output: Tensor, features: Captured, linears: dict
@@ -339,19 +347,24 @@ class CAM(CAMMethod):
             raise RequestError(refusal.format(why="this network has no nn.Linear"))
         head = linears[features.order[-1]]
         pooled = activations.mean(dim=(2, 3))
-        inputs = features[features.order[-1]]
+        inputs = features[features.order[-1]].float()
         scale = pooled.abs().max().clamp(min=1e-12)
+        low = head.weight.dtype not in (torch.float32, torch.float64)  # half precision
+        rtol = 3e-2 if low else 1e-4
         if inputs.shape != pooled.shape or not torch.allclose(
-            inputs, pooled, rtol=1e-4, atol=1e-5 * scale
+            inputs, pooled, rtol=rtol, atol=rtol * 0.1 * scale
         ):
             raise RequestError(
                 refusal.format(why="its last linear layer does not read that pooling")
             )
         if output.shape != (inputs.shape[0], head.out_features) or not torch.allclose(
-            head(inputs), output, rtol=1e-4, atol=1e-5 * output.abs().max().clamp(min=1e-12)
+            head(inputs.to(head.weight.dtype)).float(),
+            output,
+            rtol=rtol,
+            atol=rtol * 0.1 * output.abs().max(),
         ):
             raise RequestError(refusal.format(why="its last linear layer is not the output"))
-        return head.weight
+        return head.weight.float()
 
     @staticmethod
     def _row_weights(target: Target, weights: Tensor) -> Tensor:
@@ -368,48 +381,60 @@ class CAM(CAMMethod):
         )
 
 
-class ChannelScoringCAM(CAMMethod):
-    """A CAM whose channel weights come from one forward pass per channel (through the engine).
+class _ChannelScores(Sampler):
+    """One forward pass per channel of a layer; the scores are kept per channel."""
 
-    Subclasses define the perturbed inputs of a chunk of channels, how a forward pass is scored,
-    and how the scores become weights; the loop, batching and progress are shared.
-    """
+    def __init__(self, x: Tensor, features: Tensor) -> None:
+        self.x, self.features, self.n = x, features, len(features)
+        self.scores = torch.empty(self.n)
+
+    def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
+        self.scores[start:stop] = scores.cpu()
+
+
+class ChannelScoringCAM(CAMMethod):
+    """A CAM whose channel weights come from one forward pass per channel (through the engine's
+    perturbation loop). Subclasses give the sampler of one input's passes, how a pass is
+    scored and how the scores become weights."""
 
     batch_size = 16
+    score: ClassVar[Score] = staticmethod(score_rows)
 
     @abstractmethod
-    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
-        """The perturbed inputs for channels ``start:stop`` of one input's ``features``."""
-
-    @abstractmethod
-    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
-        """One number per row of a perturbed batch's output."""
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
+        """The passes of one input ``x`` (1, C, H, W) whose layer gives ``features``."""
 
     @abstractmethod
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
-        """Channel weights from the perturbed scores and the clean input's score."""
+        """Channel weights from the per-channel scores and the clean input's score."""
 
-    def forward_context(self, layer: nn.Module, calls: int) -> AbstractContextManager[Any]:
-        """A context yielding the function that runs the model on a perturbed batch."""
-        return nullcontext(self.model.module)
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        with self.engine.task(len(x)):
+            clean = self.clean_forward(x, targets)
+            (features,) = clean.activations
+            self.engine.expect(len(x) * features.shape[1])
+            samplers = self.engine.perturb(
+                clean.targets,
+                lambda i, _: self.sampler(x[i : i + 1], features[i], clean.layer, clean.calls),
+                type(self).score,
+            )
+        maps = [
+            weighted_sum(features[i : i + 1], self.weights(s.scores, clean.scores[i])[None])
+            for i, s in enumerate(samplers)
+            if isinstance(s, _ChannelScores)
+        ]
+        attribution = self.finish([torch.cat(maps)], x.shape[-2:])
+        return Result(attribution, clean.targets, self.resolved(clean.names))
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        activations, clean, targets, layer, calls = self.clean_forward(x, targets)
-        (features,) = activations
-        channels = features.shape[1]
-        maps = []
-        with self.engine.task(len(x) * channels), self.forward_context(layer, calls) as forward:
-            for i, target in enumerate(targets):
-                with self.capturing([target]) as unit:
-                    scores = self.engine.scores(
-                        channels,
-                        partial(self.inputs, x[i : i + 1], features[i]),
-                        partial(self.score, target, unit=unit),
-                        forward,
-                    )
-                weights = self.weights(scores, clean[i])
-                maps.append(weighted_sum(features[i : i + 1], weights[None]))
-        return self.finish([torch.cat(maps)], x.shape[-2:]), targets
+
+class _ScoreMasks(_ChannelScores):
+    """Score-CAM: each upsampled, min-max normalised activation map masks the input."""
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        masks = upsample(self.features[start:stop], self.x.shape[-2:])
+        low = masks.amin(dim=(1, 2, 3), keepdim=True)
+        high = masks.amax(dim=(1, 2, 3), keepdim=True)
+        return self.x * _safe_divide(masks - low, high - low), None
 
 
 @register("scorecam", "cam")
@@ -424,18 +449,32 @@ class ScoreCAM(ChannelScoringCAM):
     """
 
     description = "Score-CAM: channels weighted by the score of the masked input (Wang 2020)"
+    score = staticmethod(probability_scores)
 
-    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
-        masks = upsample(features[start:stop], x.shape[-2:])
-        low = masks.amin(dim=(1, 2, 3), keepdim=True)
-        high = masks.amax(dim=(1, 2, 3), keepdim=True)
-        return x * _safe_divide(masks - low, high - low)
-
-    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
-        return probability_scores(target, output, unit)
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
+        return _ScoreMasks(x, features)
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
-        return scores
+        return scores.to(clean.device)
+
+
+class _Ablations(_ChannelScores):
+    """Ablation-CAM: row k of a batch is the input with channel k of the layer set to zero."""
+
+    def __init__(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> None:
+        super().__init__(x, features)
+        self.layer, self.calls = layer, calls
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        return self.x.expand(stop - start, -1, -1, -1), torch.arange(start, stop)
+
+    def around(self, made: Any) -> AbstractContextManager[Any]:
+        def ablate(output: Tensor) -> Tensor:
+            output = output.clone()
+            output[torch.arange(len(made)), made.to(output.device)] = 0
+            return output
+
+        return edit_output(self.layer, ablate, self.calls)
 
 
 @register("ablationcam", "cam")
@@ -450,36 +489,13 @@ class AblationCAM(ChannelScoringCAM):
 
     description = "Ablation-CAM: channels weighted by the score drop when removed (Desai 2020)"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ablated = torch.arange(0)  # the channel each row of the current batch removes
-
-    def inputs(self, x: Tensor, features: Tensor, start: int, stop: int) -> Tensor:
-        self._ablated = torch.arange(start, stop, device=x.device)
-        return x.expand(stop - start, -1, -1, -1)
-
-    def _ablate(self, output: Tensor) -> Tensor:
-        output = output.clone()
-        output[torch.arange(len(self._ablated)), self._ablated] = 0
-        return output
-
-    @contextmanager
-    def forward_context(self, layer: nn.Module, calls: int) -> Iterator[Any]:
-        with edit_output(layer, self._ablate, calls) as editor:
-
-            def forward(batch: Tensor) -> Tensor:
-                editor.reset()
-                return self.model.module(batch)
-
-            yield forward
-
-    def score(self, target: Target, output: Tensor, unit: Captured) -> Tensor:
-        return score_rows(target, output, unit)
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
+        return _Ablations(x, features, layer, calls)
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
         if clean == 0:
             raise RequestError("ablationcam divides by the target score, which is 0 here")
-        return (clean - scores) / clean
+        return (clean - scores.to(clean.device)) / clean
 
 
 @register("eigencam", "cam")
@@ -496,10 +512,10 @@ class EigenCAM(CAMMethod):
     description = "Eigen-CAM: first principal component of the activations (Muhammad 2020)"
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         with self.engine.task(len(x)):
-            activations, _, targets, _, _ = self.clean_forward(x, targets)
-        (features,) = activations
+            clean = self.clean_forward(x, targets)
+        (features,) = clean.activations
         b, k, h, w = features.shape
         matrix = features.reshape(b, k, h * w).transpose(1, 2)  # (B, hw, K)
         centred = matrix - matrix.mean(dim=1, keepdim=True)
@@ -512,7 +528,8 @@ class EigenCAM(CAMMethod):
         total = matrix.sum(dim=2)
         sign = torch.sign((projection * (total - total.mean(dim=1, keepdim=True))).sum(dim=1))
         projection = projection * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
-        return self.finish([projection.reshape(b, h, w)], x.shape[-2:]), targets
+        attribution = self.finish([projection.reshape(b, h, w)], x.shape[-2:])
+        return Result(attribution, clean.targets, self.resolved(clean.names))
 
 
 @register("guided_gradcam", "cam")
@@ -527,9 +544,9 @@ class GuidedGradCAM(CAMMethod):
     reduction = "max_abs"
     defaults: ClassVar[dict[str, Any]] = {"layer": None}
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        gradcam = GradCAM(self.model, self.engine, {"layer": self.params["layer"], "relu": True})
-        maps, targets = gradcam.explain(x, targets)
-        self.params["layer"] = gradcam.params["layer"]
-        guided, _ = GuidedBackprop(self.model, self.engine, {}).explain(x, targets)
-        return guided * maps, targets
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        with self.engine.task(2 * len(x)):
+            gradcam = GradCAM(self.engine, {"layer": self.params["layer"], "relu": True})
+            maps = gradcam.explain(x, targets)
+            guided = GuidedBackprop(self.engine, {}).explain(x, maps.targets)
+        return Result(guided.attribution * maps.attribution, maps.targets, maps.resolved)

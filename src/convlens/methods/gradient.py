@@ -8,7 +8,7 @@ only in the backward rule they install on every rectifier (:mod:`convlens.hooks`
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,12 +16,11 @@ import torch
 from torch import Tensor
 
 from convlens.baselines import make_baseline
-from convlens.checks import RequestError, positive_int
-from convlens.engine import model_layout
+from convlens.checks import RequestError, finite, positive_int
 from convlens.hooks import BackwardRule, override_rectifiers, rules
-from convlens.methods.base import Method
+from convlens.methods.base import Method, Result
 from convlens.registry import get_method, register
-from convlens.targets import Target, resolve_targets, score_rows
+from convlens.targets import Target
 
 __all__ = [
     "Deconvnet",
@@ -45,30 +44,28 @@ class GradientMethod(Method):
 
         ``Predicted()`` targets are resolved from this very forward pass.
         """
-        with ExitStack() as stack:
-            if self.rule is not None:
-                stack.enter_context(override_rectifiers(type(self).rule))
-            activations = stack.enter_context(self.capturing(targets))
-            inputs = model_layout(x.detach()).requires_grad_(True)
-            output = self.model.module(inputs)
-            targets = resolve_targets(targets, output)
-            scores = score_rows(targets, output, activations)
-        (grad,) = torch.autograd.grad(scores.sum(), inputs)
-        self.engine.count(len(x))
-        return grad, targets
+        rule = type(self).rule
+        with override_rectifiers(rule) if rule is not None else nullcontext():
+            step = self.engine.evaluate(x, targets, grad=True)
+        (grad,) = torch.autograd.grad(step.scores.sum(), step.inputs)
+        return grad, step.targets
 
     def attribute(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        """Attributions for the rows of ``x`` in one pass (the gradient by default)."""
+        """Attributions for the rows of ``x`` (at most a batch; the gradient by default)."""
         return self.gradients(x, targets)
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def cost(self) -> int:
+        """Images through the model per row of :meth:`attribute`."""
+        return 1
+
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         parts, resolved = [], []
-        with self.engine.task(len(x)):
+        with self.engine.task(len(x) * self.cost()):
             for start, stop in self.engine.chunks(len(x)):
                 attribution, chunk_targets = self.attribute(x[start:stop], targets[start:stop])
                 parts.append(attribution)
                 resolved.extend(chunk_targets)
-        return torch.cat(parts), resolved
+        return Result(torch.cat(parts), resolved)
 
 
 @register("saliency", "gradient")
@@ -173,6 +170,13 @@ class IntegratedGradients(GradientMethod):
         "steps": 50,
         "integration": "gausslegendre",
     }
+    extras: ClassVar[dict[str, str]] = {
+        "completeness_gap": "per input: sum of the attribution - (F(x) - F(baseline))",
+        "score_difference": "per input: F(x) - F(baseline), the target's score difference",
+    }
+
+    def cost(self) -> int:
+        return positive_int("steps", self.params["steps"])
 
     def attribute(
         self, x: Tensor, targets: list[Target], baseline: Tensor | None = None
@@ -192,20 +196,17 @@ class IntegratedGradients(GradientMethod):
             attributions[i] = total * difference
         return attributions, targets
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        integration_points(self.params["steps"], self.params["integration"])  # validate first
         baseline = make_baseline(self.params["baseline"], x)
-        with self.engine.task(len(x) * self.params["steps"]):
-            with torch.no_grad(), self.capturing(targets) as activations:
-                output = self.model.module(model_layout(torch.cat([x, baseline])))
-            self.engine.count(2 * len(x))
-            targets = resolve_targets(targets, output[: len(x)])
-            end_scores = score_rows(targets + targets, output, activations).view(2, len(x))
+        with self.engine.task(len(x) * (2 + self.cost())):
+            end, targets = self.engine.clean(x, targets)
+            start, _ = self.engine.clean(baseline, targets)
             attributions, _ = self.attribute(x, targets, baseline)
-        difference = end_scores[0] - end_scores[1]
+        difference = end - start
         gap = attributions.sum(dim=(1, 2, 3)) - difference
-        self.extras["completeness_gap"] = gap.tolist()
-        self.extras["score_difference"] = difference.tolist()
-        return attributions, targets
+        extras = {"completeness_gap": gap.tolist(), "score_difference": difference.tolist()}
+        return Result(attributions, targets, extras=extras)
 
 
 @register("smoothgrad", "gradient")
@@ -235,23 +236,18 @@ class SmoothGrad(GradientMethod):
                 f"guided_backprop, integrated_gradients), not {self.params['base']!r}"
             )
         params = base_cls.resolve_params(dict(self.params["base_params"] or {}))
-        self.params["base_params"] = params
-        return base_cls(self.model, self.engine, params, self.seed)
+        return base_cls(self.engine, params, self.seed)
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         base = self._base()
-        self.reduction = base.reduction
-        n_samples, noise = self.params["n_samples"], self.params["noise"]
-        positive_int("n_samples", n_samples)
+        n_samples = positive_int("n_samples", self.params["n_samples"])
+        noise = finite("noise", self.params["noise"])
         if noise < 0:
             raise RequestError(f"noise must be non-negative, not {noise}")
-        with torch.no_grad():
-            output = self.model.module(model_layout(x))
-        self.engine.count(len(x))
-        targets = resolve_targets(targets, output)
         generator = self.generator()
         attributions = torch.empty_like(x)
-        with self.engine.task(len(x) * n_samples):
+        with self.engine.task(len(x) * (1 + n_samples * base.cost())):
+            _, targets = self.engine.clean(x, targets)
             for i in range(len(x)):
                 sigma = noise * (x[i].max() - x[i].min())
                 total = torch.zeros_like(x[i])
@@ -263,4 +259,5 @@ class SmoothGrad(GradientMethod):
                     attribution, _ = base.attribute(noisy, [targets[i]] * (stop - start))
                     total += attribution.sum(dim=0)
                 attributions[i] = total / n_samples
-        return attributions, targets
+        resolved = {"base_params": dict(base.params)}
+        return Result(attributions, targets, resolved=resolved, reduction=base.reduction)

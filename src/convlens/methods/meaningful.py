@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.baselines import gaussian_blur, make_baseline
-from convlens.checks import RequestError, positive_int
-from convlens.engine import model_layout
+from convlens.checks import RequestError, finite, positive_int
+from convlens.methods.base import Result
 from convlens.methods.perturbation import PerturbationMethod
 from convlens.registry import register
 from convlens.targets import Target, probability_scores
@@ -68,14 +68,11 @@ class MeaningfulPerturbation(PerturbationMethod):
             return gaussian_blur(x, self.params["blur_sigma"])
         if kind == "constant":
             return make_baseline(self.params["baseline"], x)
-        if kind == "noise":
-            self.params["seed"] = self.seed
-            spread = x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True)
-            noise = torch.randn(x.shape, generator=generator).to(x.device)
-            return x + 0.2 * spread * noise
-        raise RequestError(f"perturbation must be blur, constant or noise, not {kind!r}")
+        spread = x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        return x + 0.2 * spread * noise
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
         params = self.params
         steps = positive_int("steps", params["steps"])
         size = positive_int("mask_size", params["mask_size"])
@@ -83,12 +80,18 @@ class MeaningfulPerturbation(PerturbationMethod):
         game = "preservation" if area is not None else params["game"]
         if game not in ("deletion", "preservation"):
             raise RequestError(f"game must be deletion or preservation, not {game!r}")
-        if area is not None and not 0 < area < 1:
+        if area is not None and not 0 < finite("area", area) < 1:
             raise RequestError(f"area must be a fraction in (0, 1), not {area}")
+        if params["perturbation"] not in ("blur", "constant", "noise"):
+            raise RequestError(
+                f"perturbation must be blur, constant or noise, not {params['perturbation']!r}"
+            )
+        for name in ("lr", "l1", "tv", "tv_beta", "blur_sigma"):
+            finite(name, params[name])
         generator = self.generator()
         maps = []
-        with self.engine.task(len(x) * steps):
-            _, targets = self.clean_scores(x, targets)
+        with self.engine.task(len(x) * (1 + steps)):
+            _, targets = self.engine.clean(x, targets)
             for start, stop in self.engine.chunks(len(x)):
                 batch, chunk_targets = x[start:stop], targets[start:stop]
                 reference = self._reference(batch, generator)
@@ -100,33 +103,34 @@ class MeaningfulPerturbation(PerturbationMethod):
                 if area is not None:
                     ramp = torch.zeros(n_cells, device=x.device)
                     ramp[n_cells - round(area * n_cells) :] = 1
-                with self.capturing(chunk_targets) as unit:
-                    for _ in range(steps):
-                        upsampled = F.interpolate(
-                            mask, size=x.shape[-2:], mode="bilinear", align_corners=False
-                        )
-                        perturbed = upsampled * batch + (1 - upsampled) * reference
-                        output = self.model.module(model_layout(perturbed))
-                        self.engine.count(len(batch))
-                        score = probability_scores(chunk_targets, output, unit)
-                        flat = mask.flatten(1)
-                        smooth = params["tv"] * total_variation(mask, params["tv_beta"])
-                        if area is not None:
-                            sparsity = (flat.sort(dim=1).values - ramp).pow(2).mean(1)
-                        elif game == "deletion":
-                            sparsity = params["l1"] * (1 - flat).abs().mean(1)
-                        else:
-                            sparsity = params["l1"] * flat.abs().mean(1)
-                        fit = score if game == "deletion" else -score
-                        loss = (sparsity + smooth + fit).sum()
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        with torch.no_grad():
-                            mask.clamp_(0, 1)
+                for _ in range(steps):
+                    upsampled = F.interpolate(
+                        mask, size=x.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                    perturbed = upsampled * batch + (1 - upsampled) * reference
+                    score = self.engine.evaluate(
+                        perturbed, chunk_targets, grad=True, score=probability_scores
+                    ).scores
+                    flat = mask.flatten(1)
+                    smooth = params["tv"] * total_variation(mask, params["tv_beta"])
+                    if area is not None:
+                        sparsity = (flat.sort(dim=1).values - ramp).pow(2).mean(1)
+                    elif game == "deletion":
+                        sparsity = params["l1"] * (1 - flat).abs().mean(1)
+                    else:
+                        sparsity = params["l1"] * flat.abs().mean(1)
+                    fit = score if game == "deletion" else -score
+                    loss = (sparsity + smooth + fit).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        mask.clamp_(0, 1)
                 evidence = mask.detach() if game == "preservation" else 1 - mask.detach()
                 maps.append(
                     F.interpolate(evidence, size=x.shape[-2:], mode="bilinear", align_corners=False)
                 )
-        self.params["game"] = game
-        return torch.cat(maps), targets
+        resolved: dict[str, Any] = {"game": game}
+        if params["perturbation"] == "noise":
+            resolved["seed"] = self.seed  # only the noise perturbation draws
+        return Result(torch.cat(maps), targets, resolved)

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens.baselines import make_baseline
-from convlens.checks import RequestError, positive_int
-from convlens.methods.base import Method
+from convlens.checks import RequestError, finite, positive_int
+from convlens.engine import Sampler
+from convlens.methods.base import Method, Result
 from convlens.registry import register
-from convlens.targets import Target, probability_scores, resolve_targets, score_rows, scorer
+from convlens.targets import Target, probability_scores, score_rows, scorer
 
 __all__ = [
     "LIME",
@@ -40,7 +41,8 @@ __all__ = [
 
 
 class PerturbationMethod(Method):
-    """A method that scores perturbed copies of each input through the engine."""
+    """A method that scores perturbed copies of each input through the engine's perturbation
+    loop (``Engine.stream``); ``score`` is how a perturbed output is scored."""
 
     batch_size = 16
     reduction = "sum"
@@ -48,21 +50,6 @@ class PerturbationMethod(Method):
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         """One number per row: the target's raw score (logit) unless a method says otherwise."""
         return score_rows(targets, output, unit)
-
-    def clean_scores(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        """Scores of the unperturbed inputs, and the targets resolved on them."""
-        resolved: list[Target] = []
-
-        def score(output: Tensor) -> Tensor:
-            chunk = resolve_targets(targets[len(resolved) : len(resolved) + len(output)], output)
-            resolved.extend(chunk)
-            return self.score(chunk, output, unit)
-
-        with self.capturing(targets) as unit:
-            scores = self.engine.scores(
-                len(x), lambda start, stop: x[start:stop], score, self.model.module
-            )
-        return scores, resolved
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -85,18 +72,17 @@ class Occlusion(PerturbationMethod):
     description = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
     defaults: ClassVar[dict[str, Any]] = {"window": 32, "stride": 16, "baseline": "zero"}
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        window, stride = self.params["window"], self.params["stride"]
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        window = positive_int("window", self.params["window"])
+        stride = positive_int("stride", self.params["stride"])
         height, width = x.shape[-2:]
-        positive_int("window", window)
-        positive_int("stride", stride)
         if window > min(height, width):
             raise RequestError(f"window {window} is larger than the input ({height}x{width})")
         baseline = make_baseline(self.params["baseline"], x)
         rows, cols = window_starts(height, window, stride), window_starts(width, window, stride)
         positions = [(top, left) for top in rows for left in cols]
-        with self.engine.task(len(x) * len(positions)):
-            clean, targets = self.clean_scores(x, targets)
+        with self.engine.task(len(x) * (1 + len(positions))):
+            clean, targets = self.engine.clean(x, targets, self.score)
             maps = []
             for i, target in enumerate(targets):
 
@@ -107,16 +93,10 @@ class Occlusion(PerturbationMethod):
                         batch[(row, *patch)] = baseline[(i, *patch)]
                     return batch
 
-                with self.capturing([target]) as unit:
-                    scores = self.engine.scores(
-                        len(positions),
-                        occluded,
-                        lambda out, target=target, unit=unit: self.score(target, out, unit),
-                        self.model.module,
-                    )
+                scores = self.engine.scores(len(positions), occluded, target, self.score)
                 drops = (clean[i] - scores).view(1, 1, len(rows), len(cols))
                 maps.append(self._spread(drops, window, stride, (height, width)))
-        return torch.cat(maps), targets
+        return Result(torch.cat(maps), targets)
 
     @staticmethod
     def _spread(grid: Tensor, window: int, stride: int, size: tuple[int, int]) -> Tensor:
@@ -170,41 +150,38 @@ class RISE(PerturbationMethod):
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         return probability_scores(targets, output, unit)
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        n_masks, grid, p = self.params["n_masks"], self.params["grid"], self.params["p"]
-        positive_int("n_masks", n_masks)
-        positive_int("grid", grid)
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        n_masks = positive_int("n_masks", self.params["n_masks"])
+        grid = positive_int("grid", self.params["grid"])
+        p = finite("p", self.params["p"])
         if not 0 < p <= 1:
             raise RequestError(f"p must be in (0, 1], not {p}")
-        size = (x.shape[-2], x.shape[-1])
         generator = self.generator()
-        maps = []
-        with self.engine.task(len(x) * n_masks):
-            _, targets = self.clean_scores(x, targets)
-            for i, target in enumerate(targets):
-                total = torch.zeros(size, device=x.device)
-                current: dict[str, Tensor] = {}
+        with self.engine.task(len(x) * (1 + n_masks)):
+            _, targets = self.engine.clean(x, targets, self.score)
+            samplers = self.engine.perturb(
+                targets, lambda i, _: _RiseMasks(x[i : i + 1], n_masks, grid, p, generator),
+                self.score,
+            )  # fmt: skip
+        maps = [s.total / (n_masks * p) for s in samplers if isinstance(s, _RiseMasks)]
+        return Result(torch.cat(maps), targets)
 
-                def masked(start: int, stop: int, i: int = i, current=current) -> Tensor:
-                    masks = rise_masks(generator, stop - start, grid, p, size).to(x.device)
-                    current["masks"] = masks
-                    return x[i : i + 1] * masks
 
-                def fold(
-                    start: int, stop: int, scores: Tensor, total: Tensor = total, current=current
-                ) -> None:
-                    total.add_(torch.einsum("n,nhw->hw", scores, current["masks"][:, 0]))
+class _RiseMasks(Sampler):
+    """RISE for one input: masked copies made chunk by chunk, scores folded into
+    S = Σ_i f(x ⊙ M_i) M_i."""
 
-                with self.capturing([target]) as unit:
-                    self.engine.scores(
-                        n_masks,
-                        masked,
-                        lambda out, target=target, unit=unit: self.score(target, out, unit),
-                        self.model.module,
-                        on_chunk=fold,
-                    )
-                maps.append((total / (n_masks * p))[None, None])
-        return torch.cat(maps), targets
+    def __init__(self, x: Tensor, n: int, grid: int, p: float, generator: torch.Generator):
+        self.x, self.n, self.grid, self.p, self.generator = x, n, grid, p, generator
+        self.total = torch.zeros(1, 1, *x.shape[-2:], device=x.device)
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        size = (self.x.shape[-2], self.x.shape[-1])
+        masks = rise_masks(self.generator, stop - start, self.grid, self.p, size).to(self.x)
+        return self.x * masks, masks
+
+    def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
+        self.total[0, 0] += torch.einsum("n,nhw->hw", scores.to(made), made[:, 0])
 
 
 def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tensor:
@@ -274,6 +251,11 @@ class SurrogateMethod(PerturbationMethod):
         "baseline": "superpixel",
         "score": "probability",
     }
+    extras: ClassVar[dict[str, str]] = {
+        "superpixels": "per input: the superpixel weights, segments (H, W), samples (n, m), the "
+        "top 5 positive and negative superpixels, and the fit (LIME: intercept and weighted R²; "
+        "KernelSHAP: base value and prediction)",
+    }
 
     @abstractmethod
     def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
@@ -286,18 +268,17 @@ class SurrogateMethod(PerturbationMethod):
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         return scorer(self.params["score"])(targets, output, unit)
 
-    def explain(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
-        n_samples = self.params["n_samples"]
-        positive_int("n_samples", n_samples, minimum=3)
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        n_samples = positive_int("n_samples", self.params["n_samples"], minimum=3)
+        scorer(self.params["score"])  # validate before any work
         pictures = self.model.to_display(x)
         generator = self.generator()
         maps, per_input = [], []
-        with self.engine.task(len(x) * n_samples):
-            _, targets = self.clean_scores(x, targets)
+        with self.engine.task(len(x) * (1 + n_samples)):
+            _, targets = self.engine.clean(x, targets, self.score)
             for i, target in enumerate(targets):
                 segments, onehot, fill = prepare_superpixels(pictures[i], x[i], self.params)
-                m = len(onehot)
-                samples = self.sample(generator, n_samples, m).to(x.device)
+                samples = self.sample(generator, n_samples, len(onehot)).to(x.device)
 
                 def perturbed(
                     start: int, stop: int, i: int = i, samples=samples, onehot=onehot, fill=fill
@@ -307,13 +288,7 @@ class SurrogateMethod(PerturbationMethod):
                     )
                     return fill + keep * (x[i] - fill)
 
-                with self.capturing([target]) as unit:
-                    scores = self.engine.scores(
-                        n_samples,
-                        perturbed,
-                        lambda out, target=target, unit=unit: self.score(target, out, unit),
-                        self.model.module,
-                    )
+                scores = self.engine.scores(n_samples, perturbed, target, self.score)
                 weights, stats = self.fit(samples.to(scores.dtype), scores)
                 maps.append(weights[segments][None, None])
                 order = torch.argsort(weights, descending=True).tolist()
@@ -327,8 +302,7 @@ class SurrogateMethod(PerturbationMethod):
                         **stats,
                     }
                 )
-        self.extras["superpixels"] = per_input
-        return torch.cat(maps), targets
+        return Result(torch.cat(maps), targets, extras={"superpixels": per_input})
 
 
 def weighted_ridge(

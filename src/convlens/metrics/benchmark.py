@@ -74,8 +74,8 @@ def evaluate_methods(
     the map of the fully randomised network (Adebayo et al. 2018) on the first
     ``sanity_images`` images.
     """
-    import convlens as cl
     from convlens import metrics
+    from convlens.api import explain
 
     x = model_inputs(model, data)
     targets = data.labels.tolist()
@@ -85,7 +85,7 @@ def evaluate_methods(
         if on_method is not None:
             on_method(name)
         own = {**EVALUATE_PARAMS.get(name, {}), **(params or {}).get(name, {})}
-        e = cl.explain(
+        e = explain(
             model, x, name, target=targets, batch_size=batch_size, seed=seed, progress=False,
             **own,
         )  # fmt: skip

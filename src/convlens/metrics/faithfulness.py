@@ -23,9 +23,8 @@ from torch import Tensor, nn
 from convlens import viz
 from convlens.baselines import make_baseline
 from convlens.checks import RequestError, positive_int
-from convlens.engine import Engine, default_batch_size, freed_memory_kept
+from convlens.engine import session
 from convlens.explanation import Explanation
-from convlens.hooks import frozen
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
 from convlens.targets import (
@@ -33,7 +32,6 @@ from convlens.targets import (
     Target,
     TargetSpec,
     check_target_spec,
-    resolve_targets,
     scorer,
 )
 
@@ -123,16 +121,12 @@ def _curves(
     """Scores (B, K): at step k, pixels of rank < ``counts[k]`` show ``destination``, the rest
     ``source``. Ranks (B, H, W) order the pixels; all images are built chunk by chunk."""
     score_of = scorer(score)
-    module = model.module
-    with freed_memory_kept(), frozen(module):
-        engine = Engine(batch_size or default_batch_size(16), progress, name)
+    with session(model, inputs, batch_size, 16, progress, name) as engine:
         k = len(counts)
-        with engine.task(len(inputs) * k):
-            if any(isinstance(t, Predicted) for t in targets):
-                with torch.no_grad():
-                    output = module(inputs)
-                engine.count(len(inputs))
-                targets = resolve_targets(targets, output)
+        predicted = any(isinstance(t, Predicted) for t in targets)
+        with engine.task(len(inputs) * (k + int(predicted))):
+            if predicted:
+                _, targets = engine.clean(inputs, targets, score_of)
             rows = []
             for i, target in enumerate(targets):
 
@@ -140,11 +134,7 @@ def _curves(
                     shown = ranks[i][None] < counts[start:stop, None, None]
                     return torch.where(shown[:, None], destination[i], source[i])
 
-                rows.append(
-                    engine.scores(
-                        k, perturbed, lambda out, t=target: score_of(t, out).float(), module
-                    )
-                )
+                rows.append(engine.scores(k, perturbed, target, score_of))
     return torch.stack(rows).cpu(), targets, engine.forwards
 
 

@@ -22,11 +22,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from convlens import viz
+from convlens.api import explain
+from convlens.engine import session
 from convlens.explanation import Explanation
-from convlens.hooks import call_order, frozen
+from convlens.hooks import call_order
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
-from convlens.targets import Class, TargetSpec, check_target_spec, resolve_targets
+from convlens.targets import Class, TargetSpec, check_target_spec
 
 __all__ = ["Sanity", "randomisable_layers", "sanity"]
 
@@ -80,7 +82,9 @@ def randomisable_layers(model: Model | nn.Module, x: Tensor) -> list[str]:
     wrapped = as_model(model)
     names = {module: name for name, module in wrapped.module.named_modules()}
     owners = [m for m in wrapped.module.modules() if any(True for _ in m.parameters(False))]
-    return [names[m] for m in call_order(wrapped.module, x, owners)]
+    with session(wrapped, x[:1], progress=False) as engine:
+        order = call_order(lambda: engine.forward(x[:1]), owners)
+    return [names[m] for m in order]
 
 
 def _reinitialise(module: nn.Module, seed: int) -> None:
@@ -144,13 +148,11 @@ def sanity(
 
     The model itself is not touched: the randomisation happens on a copy.
     """
-    import convlens as cl
-
     wrapped = as_model(model)
     inputs = wrapped.inputs(x)
     targets = check_target_spec(target, len(inputs), wrapped.labels)
-    with torch.no_grad(), frozen(wrapped.module):
-        targets = resolve_targets(targets, wrapped.module(inputs))
+    with session(wrapped, inputs, batch_size, progress=False) as engine:
+        _, targets = engine.clean(inputs, targets)
     fixed = [t.index if isinstance(t, Class) else t for t in targets]
     params = {
         k: wrapped.layer_name(v) if isinstance(v, nn.Module) else v for k, v in params.items()
@@ -160,7 +162,7 @@ def sanity(
         if callable(method):
             result = method(current, inputs)
         else:
-            result = cl.explain(
+            result = explain(
                 current, inputs, method, target=fixed, batch_size=batch_size, seed=seed,
                 progress=False, **params,
             )  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from convlens.checks import RequestError
 from convlens.files import save_picture
 from convlens.images import ImageError
 from convlens.model import Model
@@ -105,7 +106,7 @@ def _run(
     log: Callable[[str], None],
     bar: Any,
 ) -> dict[str, Any]:
-    import convlens as cl
+    from convlens.api import explain
     from convlens.metrics import deletion, insertion
 
     per_image = len(methods) + 1
@@ -116,7 +117,7 @@ def _run(
     for index, (name, source) in enumerate(sources):
         try:
             x = model.inputs(source)
-        except (ImageError, OSError, ValueError, TypeError) as error:
+        except (ImageError, OSError, RequestError) as error:  # the image, not a bug: skip it
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             log(f"convlens: skipping {name}: {reason}")
             skipped.append({"image": str(name), "reason": reason})
@@ -139,7 +140,7 @@ def _run(
         heatmaps, explained = [], []
         for method in methods:
             bar.set_postfix_str(f"{stem}: {method}")
-            e = cl.explain(
+            e = explain(
                 model, x, method=method, target=target, batch_size=batch_size, seed=seed,
                 progress=False, **params.get(method, {}),
             )  # fmt: skip

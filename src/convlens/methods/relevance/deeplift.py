@@ -1,0 +1,277 @@
+"""DeepLIFT (rescale rule), DeepSHAP and GradientSHAP (expected gradients).
+
+DeepLIFT runs each input together with its reference in one model call, [inputs; references],
+and replaces the backward pass of every rectifier and max pooling by DeepLIFT's multipliers.
+GradientSHAP streams its rows (input, reference, point on the path, noise) chunk by chunk,
+drawing each chunk's random numbers when the chunk is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convlens.baselines import make_baseline
+from convlens.checks import RequestError, finite, positive_int
+from convlens.hooks import Captured, replace_rectifiers
+from convlens.methods.base import Method, Result
+from convlens.registry import register
+from convlens.targets import Predicted, Target, score_rows
+
+__all__ = ["DeepLift", "GradientShap", "deeplift_context", "shap_draws"]
+
+DELTA_EPS = 1e-10  # |x - x0| below which a multiplier falls back to the derivative
+
+
+class _Rescale(torch.autograd.Function):
+    """A rectifier on a batch [inputs; references] whose backward uses DeepLIFT's rescale
+    multiplier (f(x) - f(x0)) / (x - x0) for both halves (the derivative where x = x0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
+        out = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
+        ctx.x, ctx.out, ctx.upper = x.detach().clone(), out.detach(), upper
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, out, upper = ctx.x, ctx.out, ctx.upper
+        derivative = (x > 0) if upper is None else (x > 0) & (x < upper)
+        xi, xr = x.chunk(2)
+        yi, yr = out.chunk(2)
+        dx, dy = xi - xr, yi - yr
+        fallback = derivative.chunk(2)[0].to(grad.dtype)
+        multiplier = torch.where(dx.abs() < DELTA_EPS, fallback, dy / torch.where(dx == 0, 1, dx))
+        return grad * torch.cat([multiplier, multiplier]), None
+
+
+class _MaxPoolDelta(torch.autograd.Function):
+    """Max pooling on [inputs; references] whose backward satisfies summation-to-delta: in each
+    window, the output change y - y0 goes to the inputs' maximum (its part above the
+    reference's maximum, max(y, y0) - y0) and to the reference's maximum (the rest,
+    y - max(y, y0)), then is divided by each position's x - x0 (the gradient where x = x0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor, pool: nn.MaxPool2d) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.pool, ctx.out = pool, out.detach()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        pool = ctx.pool
+        args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        _, indices = F.max_pool2d(x, *args, return_indices=True)
+        y, y0 = ctx.out.chunk(2)
+        top = torch.max(y, y0)
+        delta = torch.cat([top - y0, y - top])
+        # the score reads the inputs' half only: its signal serves both argmax positions
+        grad = torch.cat([grad.chunk(2)[0]] * 2)
+        # scatter-add, not max_unpool: with overlapping windows one position can win several
+        spread = torch.zeros_like(x).flatten(2)
+        spread.scatter_add_(2, indices.flatten(2), (grad * delta).flatten(2))
+        spread = spread.view_as(x)
+        inputs_part, references_part = spread.chunk(2)
+        share = inputs_part + references_part
+        xi, xr = x.chunk(2)
+        dx = xi - xr
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(F.max_pool2d(leaf, *args), leaf, grad)
+        multiplier = torch.where(
+            dx.abs() < DELTA_EPS, gradient.chunk(2)[0], share / torch.where(dx == 0, 1, dx)
+        )
+        return torch.cat([multiplier, multiplier]), None, None
+
+
+@contextmanager
+def deeplift_context(module: nn.Module) -> Iterator[None]:
+    """Rescale multipliers on every rectifier and max pooling of ``module`` while the block
+    runs it on a batch [inputs; references]."""
+
+    def hook(pool: nn.Module, args: Any, out: Tensor) -> Tensor:
+        return _MaxPoolDelta.apply(args[0], out, pool)
+
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.MaxPool2d)
+    ]
+    try:
+        with replace_rectifiers(lambda x, upper: _Rescale.apply(x, upper)):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _reference_set(value: Any, x: Tensor, what: str) -> Tensor:
+    """A set of references (K, C, H, W) matching the inputs ``x``."""
+    references = torch.as_tensor(value).detach().to(x)
+    if references.dim() != 4 or references.shape[1:] != x.shape[1:]:
+        shape = ", ".join(map(str, x.shape[1:]))
+        raise RequestError(
+            f"{what} needs a baseline set of shape (K, {shape}), not {tuple(references.shape)}"
+        )
+    if not bool(torch.isfinite(references).all()):
+        raise RequestError("the baseline set contains NaN or infinite values")
+    return references
+
+
+def _paired(m: int) -> Callable[[list[Target], Tensor, Captured], Tensor]:
+    """Scores of a pair batch [inputs; references] of ``m`` rows each: both halves on the
+    inputs' targets, so that ``Predicted()`` is what each input predicts."""
+
+    def score(resolved: list[Target], output: Tensor, captured: Captured) -> Tensor:
+        return score_rows(resolved[:m] * 2, output, captured)
+
+    return score
+
+
+@register("deeplift", "relevance")
+class DeepLift(Method):
+    """DeepLIFT with the rescale rule (Shrikumar, Greenside & Kundaje 2017, "Learning
+    Important Features Through Propagating Activation Differences", ICML).
+
+    Attributions (x - x0) * m sum to f(x) - f(x0) ("summation-to-delta"). ``baseline``: zero,
+    mean, blur, a number or a tensor. With ``shap=True``, ``baseline`` is a set of K references
+    (K, C, H, W) and the attributions are averaged over them: DeepSHAP (Lundberg & Lee 2017,
+    "A Unified Approach to Interpreting Model Predictions", NeurIPS, section 4.2).
+
+    Each model call holds pairs of an input and a reference as [inputs; references]: the
+    pairs are chunked by max(1, batch_size // 2), so a call holds at most
+    max(batch_size, 2) images, and 2 x inputs x K images pass in all. ``Predicted()`` is
+    resolved on the inputs' half. Targets on inner units (``Channel``, ``Neuron``) work: the
+    attributions then sum to the unit's change.
+    """
+
+    description = "DeepLIFT rescale rule, or DeepSHAP over a baseline set (Shrikumar et al. 2017)"
+    reduction = "sum"
+    defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "shap": False}
+    extras: ClassVar[dict[str, str]] = {
+        "delta": "per input: the target's score at the input minus at the reference "
+        "(averaged over the references with shap=True), to which the attribution sums",
+    }
+
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        if not isinstance(self.params["shap"], bool):
+            raise RequestError(f"shap must be True or False, not {self.params['shap']!r}")
+        if self.params["shap"]:
+            references = _reference_set(self.params["baseline"], x, "shap=True")
+        else:
+            references = make_baseline(self.params["baseline"], x)
+        k = len(references) if self.params["shap"] else 1
+        pairs = len(x) * k  # pair p: input p // k with reference p % k (or the input's own)
+        total = torch.zeros_like(x)
+        deltas = torch.zeros(len(x), dtype=torch.float64)
+        targets = list(targets)
+        with self.engine.task(2 * pairs):
+            for start, stop in self.engine.chunks(pairs, max(1, self.engine.batch_size // 2)):
+                index = torch.arange(start, stop)
+                rows = index // k
+                inputs = x[rows]
+                reference = references[index % k] if self.params["shap"] else references[rows]
+                m = stop - start
+
+                chunk_targets = [targets[int(i)] for i in rows]
+                with deeplift_context(self.model.module):
+                    step = self.engine.evaluate(
+                        torch.cat([inputs, reference]),
+                        chunk_targets * 2,
+                        grad=True,
+                        score=_paired(m),
+                    )
+                (grad,) = torch.autograd.grad(step.scores[:m].sum(), step.inputs)
+                total.index_add_(0, rows.to(x.device), (inputs - reference) * grad[:m])
+                delta = (step.scores[:m] - step.scores[m:]).detach().double().cpu()
+                deltas.index_add_(0, rows, delta)
+                for j, i in enumerate(rows.tolist()):
+                    targets[i] = step.targets[j]
+        return Result(total / k, targets, extras={"delta": (deltas / k).tolist()})
+
+
+def shap_draws(
+    generator: torch.Generator,
+    rows: int,
+    references: int | None,
+    shape: tuple[int, ...],
+    stdev: float,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """GradientSHAP's random draws for the next ``rows`` rows, drawn row by row: each row's
+    reference index (when the references are a set of ``references``), its point on the path
+    (uniform in [0, 1], float64) and its input noise (N(0, stdev^2), when stdev > 0), in that
+    order. Row by row, the stream does not depend on how the rows are chunked."""
+    index = torch.empty(rows, dtype=torch.long) if references is not None else None
+    alpha = torch.empty(rows, dtype=torch.float64)
+    noise = torch.empty((rows, *shape)) if stdev > 0 else None
+    for r in range(rows):
+        if index is not None:
+            index[r] = torch.randint(0, references, (1,), generator=generator)[0]
+        alpha[r] = torch.rand(1, generator=generator, dtype=torch.float64)[0]
+        if noise is not None:
+            noise[r] = torch.randn(shape, generator=generator)
+    return index, alpha, None if noise is None else noise.mul_(stdev)
+
+
+@register("gradient_shap", "relevance")
+class GradientShap(Method):
+    """GradientSHAP / expected gradients (Lundberg & Lee 2017; Erion et al. 2021, "Improving
+    performance of deep learning models with axiomatic attribution priors and expected
+    gradients", Nature Machine Intelligence).
+
+    For each of ``n_samples`` rows per input: a reference drawn from ``baseline`` (a set
+    (K, C, H, W): any 4-D tensor is taken as a set; or zero/mean/blur/a number, one reference
+    per input), a point x0 + alpha (x' - x0) with alpha ~ U(0, 1) and
+    x' = x plus Gaussian noise of std ``stdev``; the attribution is the mean of
+    (x' - x0) * gradient at the point. Rows (input by input, n_samples each) stream through
+    the engine in chunks of ``batch_size``; each chunk's draws are made with it, row by row
+    (:func:`shap_draws`), so results do not depend on ``batch_size``. ``Predicted()`` is
+    resolved on the clean inputs first (one more pass over those inputs).
+    """
+
+    description = "expected gradients over a baseline distribution (Lundberg & Lee 2017)"
+    reduction = "sum"
+    random = True
+    defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "n_samples": 20, "stdev": 0.0}
+
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        n = positive_int("n_samples", self.params["n_samples"])
+        stdev = finite("stdev", self.params["stdev"])
+        if stdev < 0:
+            raise RequestError(f"stdev must be non-negative, not {stdev!r}")
+        baseline = self.params["baseline"]
+        shared = isinstance(baseline, Tensor) and baseline.dim() == 4
+        if shared:  # a distribution of references: each row draws one
+            references = _reference_set(baseline, x, "gradient_shap with a 4-D baseline")
+        else:  # one reference per input
+            references = make_baseline(baseline, x)
+        targets = list(targets)
+        unresolved = [i for i, t in enumerate(targets) if isinstance(t, Predicted)]
+        generator = self.generator()
+        total = torch.zeros_like(x)
+        with self.engine.task(len(unresolved) + len(x) * n):
+            if unresolved:
+                _, resolved = self.engine.clean(x[unresolved], [targets[i] for i in unresolved])
+                for i, t in zip(unresolved, resolved, strict=True):
+                    targets[i] = t
+            for start, stop in self.engine.chunks(len(x) * n):
+                rows = torch.arange(start, stop) // n
+                index, alpha, noise = shap_draws(
+                    generator,
+                    stop - start,
+                    len(references) if shared else None,
+                    tuple(x.shape[1:]),
+                    stdev,
+                )
+                inputs = x[rows] if noise is None else x[rows] + noise.to(x)
+                reference = references[index if index is not None else rows]
+                a = alpha.to(x).view(-1, *([1] * (x.dim() - 1)))
+                points = (reference + a * (inputs - reference)).detach()
+                step = self.engine.evaluate(points, [targets[int(i)] for i in rows], grad=True)
+                (grad,) = torch.autograd.grad(step.scores.sum(), step.inputs)
+                total.index_add_(0, rows.to(x.device), (inputs - reference) * grad)
+        return Result(total / n, targets)
