@@ -176,27 +176,49 @@ def test_wrap_chooses_the_output():
 
 
 CLASS_ONLY = {
-    "cam": "its weights are the classifier's",
-    "anchors": "an anchor keeps a predicted class",
+    "cam": "cam explains classes",
+    "anchors": "anchors explains a class",
 }
+# methods that score classes by their probability and inner units by their raw value: on the
+# cut model below the unit is a class, so these two cannot be compared
+BY_PROBABILITY = {"rise", "scorecam", "meaningful_perturbation"}
+
+
+class Unit(nn.Module):
+    """The tiny CNN cut after ``act2``: its outputs are act2's channel means (what a Channel
+    target reads) or act2 at one position (a Neuron), so class c is the unit of channel c."""
+
+    def __init__(self, net: nn.Module, neuron: bool) -> None:
+        super().__init__()
+        self.net, self.neuron = net, neuron
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        a = net.act2(net.conv2(net.pool(net.act1(net.conv1(x)))))
+        return a[:, :, 2, 1] if self.neuron else a.mean(dim=(2, 3))
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("unit", ["channel", "neuron"])
-def test_inner_unit_targets_work_or_are_refused_clearly(method, unit):
+def test_inner_unit_targets_explain_the_unit_or_are_refused(method, unit):
     model, x = tiny(head="gap"), tiny_input(2)
     target = Channel("act2", 3) if unit == "channel" else Neuron("act2", 3, 2, 1)  # live units
     if method in CLASS_ONLY:
-        with pytest.raises(RequestError):
+        with pytest.raises(RequestError, match=CLASS_ONLY[method]):
             explain(model, x, method, target=target)
         return
     kwargs: dict[str, Any] = {}
     if cl.get_method(method).family == "cam":  # a layer before the unit, maps unrectified
-        kwargs["layer"] = "act1"
+        kwargs["layer"] = model.act1
         if "relu" in cl.get_method(method).defaults:
             kwargs["relu"] = False
+    if method in ("lime", "kernel_shap"):
+        kwargs["score"] = "logit"  # the unit's raw value, as the cut model's logit
     e = explain(model, x, method, target=target, **kwargs)
     assert torch.isfinite(e.attribution).all() and e.attribution.abs().sum() > 0
+    if method not in BY_PROBABILITY:
+        cut = explain(Unit(model, unit == "neuron").eval(), x, method, target=3, **kwargs)
+        close(e.attribution, cut.attribution)
 
 
 def test_metrics_take_inner_unit_targets():

@@ -1,8 +1,9 @@
 """Imports flow one way: no cycles between convlens modules, and no layer imports one above it.
 
 Every module under ``src/convlens`` is parsed (imports inside functions count too; imports under
-``if TYPE_CHECKING:`` do not, as they never run). Edges out of a package's ``__init__`` are
-left out: a package re-exporting its submodules is how a package is made, not a cycle.
+``if TYPE_CHECKING:`` do not, as they never run). A package's ``__init__`` importing its own
+submodules is left out: re-exporting them is how a package is made, not a cycle; its other
+imports count.
 """
 
 from __future__ import annotations
@@ -120,13 +121,16 @@ def imports_of(module: str, source: str | None = None) -> set[str]:
 
 @functools.cache
 def graph() -> dict[str, frozenset[str]]:
-    """Edges between convlens modules; none out of a package ``__init__``."""
+    """Edges between convlens modules; a package ``__init__``'s imports of its own submodules
+    are left out."""
     edges = {}
     for module in MODULES:
         found = imports_of(module)
         unknown = found - set(MODULES)
         assert not unknown, f"{module} imports missing modules {sorted(unknown)}"
-        edges[module] = frozenset() if is_package(module) else frozenset(found)
+        if is_package(module):  # a package re-exports its own submodules, nothing else
+            found = {target for target in found if not target.startswith(module + ".")}
+        edges[module] = frozenset(found)
     return edges
 
 

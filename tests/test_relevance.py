@@ -313,7 +313,7 @@ def test_the_composites_are_zennits():
 def test_each_composite_equals_its_rules_in_matrix_form(name, bias, kind, make, shape):
     net = make()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).double()
-    settings = Settings(epsilon=1e-9, gamma=0.25, bias=bias, low=-2.0, high=3.0)
+    settings = Settings(epsilon=1e-9, stabilizer=1e-9, gamma=0.25, bias=bias, low=-2.0, high=3.0)
     chooser = COMPOSITES[name].chooser(settings)
     ours, _ = lrp_with(net, x, chooser, target=1, epsilon=1e-9)
     positions = [i for i, layer in enumerate(net) if isinstance(layer, (nn.Conv2d, nn.Linear))]
@@ -401,7 +401,7 @@ class MatmulLinear(nn.Linear):
 def test_a_layer_computed_without_its_call_is_refused_by_name():
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), MatmulLinear(5, 3)).double()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"layer '2' \(MatmulLinear\).*F.linear"):
+    with pytest.raises(RequestError, match=r"layer '2' \(MatmulLinear\).*F.linear"):
         lrp_with(net, torch.randn(1, 6).double(), RULES["epsilon"], target=0)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert not net[2]._forward_hooks and not net[2]._forward_pre_hooks
@@ -682,9 +682,11 @@ def test_gradient_shap_equals_captum_on_the_same_draws(monkeypatch):
     index = torch.tensor(np.random.choice(5, n * 2))
     alpha = torch.tensor(np.random.uniform(0.0, 1.0, n * 2))
     made = [0]
+    calls: list[int] = []
 
     def captums(generator, rows, k, shape, sd):
         assert (k, shape, sd) == (5, (3, 8, 8), stdev)
+        calls.append(rows)
         start, made[0] = made[0], made[0] + rows
         return index[start : made[0]], alpha[start : made[0]], noise[start : made[0]]
 
@@ -692,6 +694,7 @@ def test_gradient_shap_equals_captum_on_the_same_draws(monkeypatch):
     e = cl.explain(model, x, "gradient_shap", baseline=references, n_samples=n, stdev=stdev,
                    target=[0, 3], batch_size=5)  # fmt: skip
     assert made == [2 * n]
+    assert max(calls) <= 5 and len(calls) > 1  # drawn chunk by chunk, never all up front
     close_to_oracle(e.attribution, theirs)
 
 
@@ -840,3 +843,18 @@ def test_gradient_shap_resolves_predicted_targets_on_the_clean_input():
         predicted = model(x).argmax(dim=1).tolist()
     e = cl.explain(model, x, "gradient_shap", n_samples=4, stdev=2.0, target=[None, 1, None])
     assert e.targets == [predicted[0], 1, predicted[2]]
+
+
+def test_epsilon_reaches_only_the_epsilon_rule_as_in_zennit():
+    # zennit's EpsilonPlus(epsilon=...) gives epsilon to its Epsilon rule (dense layers) only;
+    # z+, pooling and sums keep the fixed stabiliser 1e-6. A network without dense layers
+    # therefore does not depend on epsilon at all.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    small = cl.explain(net, x, "lrp", composite="epsilon_plus", epsilon=1e-6, target=1)
+    large = cl.explain(net, x, "lrp", composite="epsilon_plus", epsilon=0.25, target=1)
+    torch.testing.assert_close(large.attribution, small.attribution)

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from convlens.checks import RequestTypeError
+from convlens.checks import RequestError, RequestTypeError, positive_int
 from convlens.engine import session
 from convlens.explanation import Explanation
+from convlens.hooks import scripted
 from convlens.model import Model, as_model
-from convlens.registry import get_method
-from convlens.targets import Class, Contrast, TargetSpec, check_target_spec
+from convlens.registry import get_method, list_methods
+from convlens.targets import Class, Contrast, TargetSpec, check_target_spec, target_layers
 
 __all__ = ["explain"]
 
@@ -64,8 +65,24 @@ def explain(
             raise RequestTypeError(f"method {method!r} does not take a layer")
         given["layer"] = layer
     params = method_cls.resolve_params(given)
+    method_cls.check(params)
+    if method_cls.needs_python(params) and scripted(wrapped.module):
+        usable = [name for name in list_methods() if not get_method(name).reads_inside]
+        raise RequestError(
+            f"{method} changes backward rules or reads inner layers, which TorchScript code "
+            "hides from Python (it would silently give a wrong map); on a scripted model use "
+            f"{', '.join(usable)}, or explain the Python model"
+        )
+    seed = positive_int("seed", seed, minimum=0)
     inputs = wrapped.inputs(x).clone()
     targets = check_target_spec(target, len(inputs), wrapped.labels)
+    method_cls.check_targets(targets)
+    layers = params.get("layer")
+    for spec in layers if isinstance(layers, (list, tuple)) else [layers]:
+        if spec is not None:
+            wrapped.layer(spec)  # a wrong name is refused before any work
+    for unit in target_layers(targets):
+        wrapped.layer(unit)
     start = time.perf_counter()
     with session(wrapped, inputs, batch_size, method_cls.batch_size, progress, method) as engine:
         instance = method_cls(engine, params, seed)

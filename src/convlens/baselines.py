@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convlens.checks import RequestError
+from convlens.checks import RequestError, finite
 
-__all__ = ["BaselineSpec", "gaussian_blur", "make_baseline"]
+__all__ = ["BaselineSpec", "check_baseline", "gaussian_blur", "make_baseline"]
 
 BaselineSpec = str | float | Tensor
 
@@ -37,6 +37,22 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     return F.conv2d(F.conv2d(padded, horizontal, groups=channels), vertical, groups=channels)
+
+
+def check_baseline(spec: object, name: str = "baseline", extra: tuple[str, ...] = ()) -> None:
+    """Refuse, by ``name``, a baseline that :func:`make_baseline` (or the method's own
+    ``extra`` names) cannot make: an unknown name, a non-finite number or tensor."""
+    if isinstance(spec, Tensor):
+        if not bool(torch.isfinite(spec).all()):
+            raise RequestError(f"the {name} tensor contains NaN or infinite values")
+        return
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        finite(name, spec)
+        return
+    if isinstance(spec, str) and spec in (*BASELINES, *extra):
+        return
+    known = ", ".join((*BASELINES, *extra))
+    raise RequestError(f"unknown {name} {spec!r}; expected one of {known}, a number or a tensor")
 
 
 def make_baseline(spec: BaselineSpec, x: Tensor, blur_sigma: float | None = None) -> Tensor:

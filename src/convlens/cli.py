@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from convlens.checks import RequestError
-from convlens.files import write_atomic
+from convlens.checks import RequestError, positive_int
+from convlens.files import check_output, printable, write_atomic
 from convlens.images import ImageError
 
 __all__ = ["main"]
@@ -33,6 +35,21 @@ class UsageError(Exception):
 # (a bad argument, a missing file, an unreadable image). Anything else is a bug, in convlens or
 # in the model, and keeps its traceback.
 USAGE_ERRORS = (UsageError, RequestError, FileNotFoundError, ImageError)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is so that it cleans up as after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def _say(text: str) -> None:
+    """A line on stderr, user-supplied names shown with their control characters escaped."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(printable(text), file=sys.stderr)
 
 
 def _parse_methods(text: str) -> list[str]:
@@ -91,8 +108,6 @@ def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dic
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     import convlens as cl
     from convlens import report
 
@@ -103,23 +118,28 @@ def _explain(args: argparse.Namespace) -> int:
         raise UsageError("give image files, or --samples for the bundled photos")
     if args.curve_steps < 2:
         raise UsageError("--curve-steps must be at least 2")
+    out = report.check_report_folder(args.out)
     model = cl.load_model(args.model)
+    # the whole request, before the first forward pass (explain_images checks it again)
+    report.check_request(
+        model, methods, params, target, args.batch_size, args.curve_steps, args.feature_steps
+    )
     sources: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
     if args.samples:
         sources += list(cl.sample_images().items())
-    out = Path(args.out)
     document = report.explain_images(
         model, sources, methods, out, params=params, target=target,
         batch_size=args.batch_size, seed=args.seed, curve_steps=args.curve_steps,
-        features=args.features, feature_steps=args.feature_steps,
-        log=lambda text: tqdm.write(text, file=sys.stderr),
+        features=args.features, feature_steps=args.feature_steps, log=_say,
     )  # fmt: skip
-    page = report.write(out, document)
+    notes = [f"{len(document[key])} {key}" for key in ("skipped", "refused") if document[key]]
     print(
-        f"wrote {len(document['images'])} image(s) x {len(methods)} method(s): {page}"
-        + (f" ({len(document['skipped'])} skipped)" if document["skipped"] else "")
+        printable(
+            f"wrote {len(document['images'])} image(s) x {len(methods)} method(s): "
+            f"{Path(args.out) / 'index.html'}" + (f" ({', '.join(notes)})" if notes else "")
+        )
     )
-    return 1 if document["skipped"] else 0
+    return 1 if notes else 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -129,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         args.data_dir, args.out, epochs=args.epochs, freeze_backbone=not args.fine_tune_all,
         val_fraction=args.val_fraction, batch_size=args.batch_size, lr=args.lr,
         augment=not args.no_augment, balance=not args.no_class_weights,
-        image_size=args.image_size, seed=args.seed,
+        image_size=args.image_size, seed=args.seed, log=_say,
     )  # fmt: skip
     return 0
 
@@ -138,19 +158,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     import convlens as cl
     from convlens.datasets import shapes
     from convlens.metrics.benchmark import evaluate_methods, markdown_table, model_accuracy
+    from convlens.report import check_methods
 
     methods = _parse_methods(args.methods)
     params = _parse_params(args.param, methods)
     if args.images < 1 or args.sanity_images < 1:
         raise UsageError("--images and --sanity-images must be positive")
+    if args.batch_size is not None:
+        positive_int("--batch-size", args.batch_size)
+    out = check_output(args.out, "folder")
     model = cl.load_model(args.model)
     if model.labels is None or tuple(model.labels) != cl.datasets.SHAPES:
         raise UsageError(f"the benchmark needs a model of the shapes classes, not {model.name}")
+    check_methods(model, methods, params)  # before the first forward pass
     data = shapes(args.images, size=model.input_size[0], seed=args.data_seed)
     accuracy = model_accuracy(model, data)
     print(
-        f"{model.name} on {args.images} shapes images (seed {args.data_seed}): "
-        f"accuracy {accuracy:.3f}",
+        printable(
+            f"{model.name} on {args.images} shapes images (seed {args.data_seed}): "
+            f"accuracy {accuracy:.3f}"
+        ),
         file=sys.stderr,
     )
     rows = evaluate_methods(
@@ -160,7 +187,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     table = markdown_table(rows)
     print(table)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     document = {
         "model": model.name,
@@ -171,7 +197,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     }
     write_atomic(out / "evaluation.json", json.dumps(document, indent=2).encode())
     write_atomic(out / "evaluation.md", (table + "\n").encode())
-    print(f"wrote {out}/evaluation.md and {out}/evaluation.json", file=sys.stderr)
+    _say(f"wrote {out}/evaluation.md and {out}/evaluation.json")
     return 0
 
 
@@ -198,9 +224,12 @@ def _feature_images(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     return torch.cat([model.inputs(source) for source in sources]), None
 
 
-def _load_concepts(path: str) -> Any:
-    """The ``--concepts`` file: ``{name: (N, H, W) masks}`` saved with ``torch.save``."""
+def _load_concepts(path: str, n_images: int | None = None) -> Any:
+    """The ``--concepts`` file: ``{name: (N, H, W) masks}`` saved with ``torch.save``, checked
+    (with ``n_images`` masks per concept when given)."""
     import torch
+
+    from convlens.features.dissect import check_concepts
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"concepts file not found: {path}")
@@ -213,22 +242,40 @@ def _load_concepts(path: str) -> Any:
         raise UsageError(
             f"--concepts {path} holds a {type(concepts).__name__}, not {{name: (N, H, W) masks}}"
         )
-    return concepts
+    try:
+        return check_concepts(concepts, n_images)
+    except RequestError as error:
+        raise UsageError(f"--concepts {path}: {error}") from None
 
 
 def _features(args: argparse.Namespace) -> int:
     import convlens as cl
     from convlens import features
+    from convlens.report.run import check_target
 
-    model = cl.load_model(args.model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     kind, layer = args.kind, args.layer
+    out = check_output(args.out, "folder")
+    positive_int("--k", args.k)
+    positive_int("--channel", args.channel, minimum=0)
+    positive_int("--shapes", args.shapes, minimum=0)
+    if args.steps is not None:
+        positive_int("--steps", args.steps)
+    model = cl.load_model(args.model)
+    # the whole request, before the first forward pass
+    if layer is not None:
+        model.layer(layer)
+    if kind == "class-model":
+        if args.target is None:
+            raise UsageError("class-model needs --target (a class index or label name)")
+        check_target(model, _parse_target(args.target))
+    if kind == "dissect" and not args.concepts and not args.shapes:
+        raise UsageError("dissect needs --concepts FILE.pt ({name: (N, H, W) masks}) or --shapes N")
+    if kind == "dissect" and args.concepts:
+        _load_concepts(args.concepts)  # its form; the number of masks once images are read
+    near = None
     if kind == "filters":
         result = features.filters(model, layer)
     elif kind == "class-model":
-        if args.target is None:
-            raise UsageError("class-model needs --target (a class index or label name)")
         result = features.class_model(
             model, _parse_target(args.target), steps=args.steps or 256, seed=args.seed
         )
@@ -246,25 +293,23 @@ def _features(args: argparse.Namespace) -> int:
             labels = data.labels if data is not None else None
             result = features.tsne(model, x, labels=labels, layer=layer, seed=args.seed)
             near = features.neighbours(model, x[:1], x, k=min(args.k, len(x)), layer=layer)
-            near.save(str(out / "neighbours.png"))
         else:  # dissect
-            if args.concepts:
-                concepts = _load_concepts(args.concepts)
-            elif data is not None:  # each shape's masks are one concept
+            if args.concepts:  # once more, now that the number of images is known
+                concepts = _load_concepts(args.concepts, len(x))
+            else:  # each shape's masks are one concept
                 concepts = {
                     name: data.masks & (data.labels == c).view(-1, 1, 1)
                     for c, name in enumerate(data.classes)
                 }
-            else:
-                raise UsageError(
-                    "dissect needs --concepts FILE.pt ({name: (N, H, W) masks}) or --shapes N"
-                )
             result = features.dissect(model, x, concepts, layer)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused request writes nothing
+    if near is not None:
+        near.save(str(out / "neighbours.png"))
     picture = out / f"{kind}.png"
     result.save(str(picture))
     summary = {"kind": kind, "model": model.name, **result.info}
     write_atomic(out / f"{kind}.json", json.dumps(summary, indent=2, default=str).encode())
-    print(f"wrote {picture} and {out / (kind + '.json')}")
+    print(printable(f"wrote {picture} and {out / (kind + '.json')}"))
     return 0
 
 
@@ -385,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from convlens.engine import freed_memory_kept
 
+    # SIGTERM ends the command like Ctrl-C does: its temporary files are removed; restored
+    # afterwards, so that calling main() (from a test, a notebook) leaves the process as it was
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         # glibc keeps freed memory for reuse while the command runs (2-3x faster model calls);
         # scoped, so that calling main() (from a test, a notebook) leaves the process as it was
@@ -392,11 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
     except USAGE_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"convlens: error: {message}", file=sys.stderr)
+        print(f"convlens: error: {printable(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("convlens: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,21 @@ import ctypes
 import logging
 import math
 import sys
+import threading
 import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from convlens.checks import RequestError, RequestTypeError, positive_int
-from convlens.hooks import Captured, capture, frozen
+from convlens.hooks import Captured, capture, frozen, scripted
 from convlens.targets import Target, layer_key, resolve_targets, score_rows, target_layers
 
 if TYPE_CHECKING:
@@ -48,11 +49,13 @@ __all__ = [
     "Engine",
     "Pass",
     "Sampler",
+    "Scored",
     "default_batch_size",
     "freed_memory_kept",
     "keep_freed_memory",
     "keeping_freed_memory",
     "model_layout",
+    "placement",
     "probe_images",
     "select_output",
     "session",
@@ -66,6 +69,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # mirrors the process-wide allocator setting, which is global itself
 _KEPT = {"active": False, "scoped": False}
+_SCOPES = [0]  # freed_memory_kept blocks open now, in any thread
+_SCOPE_GUARD = threading.Lock()
 
 
 def _set_thresholds(mmap: int, trim: int) -> bool:
@@ -110,20 +115,23 @@ def freed_memory_kept(limit: int = 1 << 30) -> Iterator[bool]:
     :func:`keep_freed_memory` is already active or the platform is not Linux/glibc. Yields
     whether freed memory is kept inside the block.
     """
-    if _KEPT["active"] or _KEPT["scoped"]:
-        yield True
-        return
-    if not _set_thresholds(limit, limit):
-        yield False
-        return
-    _KEPT["scoped"] = True
+    with _SCOPE_GUARD:  # blocks in several threads: the last one out restores the thresholds
+        owned = not _KEPT["active"] and (_KEPT["scoped"] or _set_thresholds(limit, limit))
+        if owned:
+            _SCOPES[0] += 1
+            _KEPT["scoped"] = True
+        kept = _KEPT["active"] or owned
     try:
-        yield True
+        yield kept
     finally:
-        _KEPT["scoped"] = False
-        _set_thresholds(32 << 20, 64 << 20)
-        with suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if owned:
+            with _SCOPE_GUARD:
+                _SCOPES[0] -= 1
+                if _SCOPES[0] == 0:
+                    _KEPT["scoped"] = False
+                    _set_thresholds(32 << 20, 64 << 20)
+                    with suppress(OSError, AttributeError):
+                        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def keeping_freed_memory() -> bool:
@@ -171,7 +179,19 @@ def select_output(output: Any, choice: Any = None) -> tuple[Tensor, str]:
     its first tensor.
     """
     if choice is not None:
-        picked = choice(output) if callable(choice) else output[choice]
+        if callable(choice):
+            picked = choice(output)
+        else:
+            try:
+                picked = output[choice]
+            except (KeyError, IndexError, TypeError):
+                keys = list(output) if isinstance(output, Mapping) else None
+                have = f"keys {keys}" if keys is not None else f"a {type(output).__name__}"
+                if keys is None and isinstance(output, (tuple, list)):
+                    have = f"{len(output)} items"
+                raise RequestError(
+                    f"output={choice!r} does not select the logits: the model returns {have}"
+                ) from None
         where = getattr(choice, "__name__", "output") if callable(choice) else f"[{choice!r}]"
         if not isinstance(picked, Tensor):
             raise RequestTypeError(
@@ -204,7 +224,7 @@ class Pass:
 
     Attributes:
         inputs: the batch as given (a leaf that requires grad when the pass records a graph).
-        output: the logits, float32.
+        output: the logits, float32 (float64 for a float64 model).
         targets: one target per row, ``Predicted()`` resolved on ``output``.
         scores: (N,) the targets' scores (in the graph when the pass records one).
         captured: the outputs of the layers asked for and of those the targets read.
@@ -237,24 +257,33 @@ class Sampler(ABC):
         return nullcontext()
 
 
-class _Collect(Sampler):
-    """Scores of inputs made by a function, into one buffer."""
+class Scored(Sampler):
+    """A sampler whose fold keeps every perturbed input's score, in :attr:`scores` (n,), for
+    the method to aggregate once the input's passes are done."""
 
-    def __init__(self, n: int, make: Callable[[int, int], Tensor]) -> None:
-        self.n, self.make = n, make
-        self.scores: Tensor | None = None
-
-    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
-        return self.make(start, stop), None
+    scores: Tensor
 
     def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
-        if self.scores is None:
+        if start == 0:
             self.scores = scores.new_empty(self.n)
         self.scores[start:stop] = scores
 
 
-# Per model: the layout decided for an input geometry, and whether its output was announced.
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[Any, str]] = weakref.WeakKeyDictionary()
+class _Made(Scored):
+    """Inputs made by a function."""
+
+    def __init__(self, n: int, make: Callable[[int, int], Tensor]) -> None:
+        self.n, self.make = n, make
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        return self.make(start, stop), None
+
+
+S = TypeVar("S", bound=Sampler)
+
+# Per model: what the probe found for an input geometry (the layout and the layers called), and
+# whether the model's output was announced.
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
 _ANNOUNCED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -274,16 +303,16 @@ class Engine:
     def __init__(
         self, model: Model, batch_size: int, progress: bool | None = None, description: str = ""
     ) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise RequestError(f"batch_size must be a positive integer, not {batch_size!r}")
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
         self.description = description
         self.forwards = 0
         self.layout = "contiguous"
+        # the modules one forward pass calls, in order, with their output shapes (the probe's)
+        self.calls: list[tuple[nn.Module, torch.Size | None]] = []
         self.output = ""  # where the logits were found in the output ("" for a tensor)
-        self.device, self.dtype = _placement(model.module)
+        self.device, self.dtype = placement(model.module)
         self._bar: tqdm | None = None
         self._total = 0
 
@@ -330,43 +359,60 @@ class Engine:
 
     # -- the model call ----------------------------------------------------------------------------
     def prepare(self, x: Tensor) -> None:
-        """Decide the memory layout for inputs shaped like ``x`` (before any hook is set).
+        """Probe the model on one image shaped like ``x`` (before any hook is set): the layers
+        it calls, in order, with their output shapes (:attr:`calls`), and the memory layout.
 
-        Channels-last is kept where one image gives the same logits in both layouts; a model
-        whose forward raises on it, or answers differently, runs contiguous. The decision is
-        remembered per model, its modules and the input's shape, dtype and device; a probe
-        costs two forwards of one image, which are counted.
+        Channels-last is kept where the image gives the same logits in both layouts; a model
+        whose forward raises on it, or answers differently, runs contiguous. What the probe
+        finds is remembered per model, its modules and the input's shape, dtype and device;
+        a probe costs one forward of one image, two where the layout matters, counted.
         """
         module = self.model.module
-        if x.dim() != 4 or x.shape[1] == 1:
-            self.layout = "contiguous"
-            return
         key = _layout_key(module, x)
-        known = _LAYOUTS.setdefault(module, {})
-        if key in known:
-            self.layout = known[key]
-            return
-        probe = x[:1].detach().to(device=self.device, dtype=self.dtype)
+        known = _PROBES.setdefault(module, {})
+        if key not in known:
+            known[key] = self._probe(x[:1].detach().to(device=self.device, dtype=self.dtype))
+        self.layout, self.calls = known[key]
+
+    def _probe(self, image: Tensor) -> tuple[str, list[tuple[nn.Module, torch.Size | None]]]:
+        module = self.model.module
+        calls: list[tuple[nn.Module, torch.Size | None]] = []
+
+        def record(layer: nn.Module, _args: Any, out: Any) -> None:
+            calls.append((layer, out.shape if isinstance(out, Tensor) else None))
+
+        # TorchScript code hides its calls (and refuses hooks): no layers are known there
+        handles = (
+            [] if scripted(module) else [m.register_forward_hook(record) for m in module.modules()]
+        )
+        try:
+            with torch.no_grad():
+                plain = self._logits(module(image.contiguous()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.count(1)
+        if image.dim() != 4 or image.shape[1] == 1:
+            return "contiguous", calls
         with torch.no_grad():
             try:
-                fast: Tensor | None = self._logits(module(model_layout(probe)))
+                fast: Tensor | None = self._logits(module(model_layout(image)))
             except Exception:  # the model's forward cannot take channels-last tensors
                 fast = None
-            plain = self._logits(module(probe.contiguous()))
-        self.count(2)
+        self.count(1)
         tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 3e-2
         same = (
             fast is not None
             and fast.shape == plain.shape
             and bool(((fast - plain).abs() <= tolerance * plain.abs().amax().clamp(min=1e-3)).all())
         )
-        self.layout = known[key] = "channels_last" if same else "contiguous"
         if not same:
-            log.info("%s runs on contiguous inputs (channels-last failed)", type(module).__name__)
+            log.info("%s runs contiguous: channels-last raised or differed", type(module).__name__)
+        return ("channels_last" if same else "contiguous"), calls
 
     def forward(self, x: Tensor, grad: bool = False) -> Tensor:
-        """The logits (float32) for one batch, counted; with ``grad`` the call is recorded so
-        that gradients reach ``x`` (or captured layers)."""
+        """The logits for one batch (float32, or float64 for a float64 model), counted; with
+        ``grad`` the call is recorded so that gradients reach ``x`` (or captured layers)."""
         inputs = x.to(device=self.device, dtype=self.dtype)
         if self.layout == "channels_last":
             inputs = model_layout(inputs)
@@ -390,7 +436,7 @@ class Engine:
                     UserWarning,
                     stacklevel=4,
                 )
-        return logits.float()
+        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
     # -- passes ------------------------------------------------------------------------------------
     def evaluate(
@@ -405,15 +451,19 @@ class Engine:
         of the layers the targets read are captured, ``Predicted()`` is resolved and the
         targets are scored with ``score``. With ``grad`` the pass is recorded (``x`` becomes a
         leaf that requires grad if it is not one), so gradients reach inputs and layers."""
-        units = {layer_key(layer): self.model.layer(layer) for layer in target_layers(targets)}
+        units = self._units(targets)
         if grad and not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with capture({**(layers or {}), **units}) as captured:
             output = self.forward(x, grad=grad)
         resolved = resolve_targets(targets, output)
         with torch.set_grad_enabled(grad):
-            scores = score(resolved, output, captured)
+            scores = score(resolved, output, captured).to(output.dtype)
         return Pass(x, output, resolved, scores, captured)
+
+    def _units(self, targets: Sequence[Target]) -> dict[Any, nn.Module]:
+        """The inner layers the targets read (Channel, Neuron), by key."""
+        return {layer_key(layer): self.model.layer(layer) for layer in target_layers(targets)}
 
     def clean(
         self, x: Tensor, targets: Sequence[Target], score: Score = score_rows
@@ -430,23 +480,28 @@ class Engine:
     def stream(self, sampler: Sampler, target: Target, score: Score = score_rows) -> Sampler:
         """The perturbation template for one input: ``sampler.n`` perturbed inputs, made and
         scored chunk by chunk without gradients, each chunk's scores folded into the sampler."""
-        units = {layer_key(layer): self.model.layer(layer) for layer in target_layers([target])}
-        with capture(units) as captured, torch.no_grad():
+        with capture(self._units([target])) as captured, torch.no_grad():
             for start, stop in self.chunks(sampler.n):
                 inputs, made = sampler.batch(start, stop)
                 with sampler.around(made):
                     output = self.forward(inputs)
-                sampler.fold(start, stop, score(target, output, captured), made)
+                scores = score(target, output, captured).to(output.dtype)
+                sampler.fold(start, stop, scores, made)
         return sampler
 
     def perturb(
         self,
         targets: Sequence[Target],
-        sampler: Callable[[int, Target], Sampler],
+        sampler: Callable[[int, Target], S],
         score: Score = score_rows,
-    ) -> list[Sampler]:
-        """:meth:`stream` for each input ``i`` with the sampler ``sampler(i, targets[i])``."""
-        return [self.stream(sampler(i, t), t, score) for i, t in enumerate(targets)]
+    ) -> list[S]:
+        """:meth:`stream` for each input ``i`` with the sampler ``sampler(i, targets[i])``; the
+        samplers, folded, in input order."""
+        samplers = []
+        for i, target in enumerate(targets):  # made one at a time: each may hold masks
+            samplers.append(sampler(i, target))
+            self.stream(samplers[-1], target, score)
+        return samplers
 
     def scores(
         self,
@@ -456,30 +511,45 @@ class Engine:
         score: Score = score_rows,
     ) -> Tensor:
         """Scores (n,) of ``n`` inputs that ``make_inputs(start, stop)`` makes chunk by chunk."""
-        collected = self.stream(_Collect(positive_int("n", n), make_inputs), target, score)
-        assert isinstance(collected, _Collect) and collected.scores is not None
+        collected = _Made(positive_int("n", n), make_inputs)
+        self.stream(collected, target, score)
         return collected.scores
 
 
 def _layout_key(module: nn.Module, x: Tensor) -> tuple[Any, ...]:
-    device, dtype = _placement(module)
+    device, dtype = placement(module)
     return (tuple(map(id, module.modules())), tuple(x.shape[1:]), dtype, device)
 
 
 def probe_images(module: nn.Module, x: Tensor) -> int:
-    """Images the next call on ``module`` with inputs like ``x`` spends deciding the memory
-    layout (:meth:`Engine.prepare`): 2, or 0 where it was decided before or is not needed."""
-    if x.dim() != 4 or x.shape[1] == 1:
+    """Images the next call on ``module`` with inputs like ``x`` spends probing the model
+    (:meth:`Engine.prepare`): 0 where it was probed before, else 2 (1 where the memory layout
+    does not matter: inputs that are not 4-D, or have one channel)."""
+    if _layout_key(module, x) in _PROBES.get(module, {}):
         return 0
-    return 0 if _layout_key(module, x) in _LAYOUTS.get(module, {}) else 2
+    return 1 if x.dim() != 4 or x.shape[1] == 1 else 2
 
 
-def _placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of a module's first floating parameter or buffer."""
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(module: nn.Module) -> threading.RLock:
+    """The lock that serialises the sessions on one model: every session freezes the model and
+    hooks its layers, so two at once on one model would see each other's state."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
 
 
 @contextmanager
@@ -493,9 +563,14 @@ def session(
 ) -> Iterator[Engine]:
     """An engine for work on ``x`` with ``model``: freed memory kept for reuse, the model frozen
     (eval mode, parameters without gradients, all restored on exit) and gradients enabled
-    (methods take them, also inside a caller's ``torch.no_grad()``); the layout is decided.
-    ``batch_size`` defaults to ``preferred`` (:func:`default_batch_size`)."""
-    with freed_memory_kept(), frozen(model.module), torch.enable_grad():
+    (methods take them, also inside a caller's ``torch.no_grad()``); the model is probed.
+    ``batch_size`` defaults to ``preferred`` (:func:`default_batch_size`).
+
+    Sessions on one model are serialised (a per-model lock; the same thread may nest them):
+    threads that explain one model at once get exactly the results of calls one after the
+    other, and the model is left as it was. Sessions on different models run in parallel.
+    """
+    with _lock(model.module), freed_memory_kept(), frozen(model.module), torch.enable_grad():
         size = default_batch_size(preferred) if batch_size is None else batch_size
         engine = Engine(model, size, progress, description)
         engine.prepare(x)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from convlens.checks import RequestError
+
 __all__ = [
     "BackwardRule",
     "Captured",
@@ -33,6 +35,7 @@ __all__ = [
     "override_rectifiers",
     "replace_rectifiers",
     "rules",
+    "scripted",
 ]
 
 # A rectifier's backward rule: (grad_output, through) -> grad_input, where ``through(g)`` passes
@@ -68,24 +71,41 @@ class Captured(dict):
         self.order: list[Any] = []  # keys in the order of their most recent call
 
 
+def scripted(module: nn.Module) -> bool:
+    """Whether ``module`` is, or contains, TorchScript code (``torch.jit.script`` / ``trace``),
+    whose inner calls Python hooks and function modes never see."""
+    return any(isinstance(m, torch.jit.ScriptModule) for m in module.modules())
+
+
 @contextmanager
 def capture(layers: Mapping[Any, nn.Module], inputs: bool = False) -> Iterator[Captured]:
     """Record the output (or first input) of each module in ``layers``.
 
     A module called several times in one forward keeps its last call's tensor. Tensors keep
-    their autograd graph, so ``torch.autograd.grad(score, captured[key])`` works.
+    their autograd graph, so ``torch.autograd.grad(score, captured[key])`` works. The rest of
+    the forward pass gets a copy of a recorded output: an in-place operation after the layer
+    (``nn.ReLU(inplace=True)``) changes the copy, never the tensor recorded. A layer inside
+    TorchScript code is refused: its hooks would never fire.
     """
+    for module in layers.values():
+        if scripted(module):
+            raise RequestError(
+                f"cannot read layer {type(module).__name__}: it is TorchScript code, whose "
+                "inner layers Python hooks never see; explain the Python model, or use a method "
+                "that needs no layer (saliency, integrated_gradients, occlusion, ...)"
+            )
     captured = Captured()
     handles = []
     try:
         for key, module in layers.items():
 
-            def hook(_module: nn.Module, args: Any, output: Any, key: Any = key) -> None:
+            def hook(_module: nn.Module, args: Any, output: Any, key: Any = key) -> Any:
                 captured[key] = args[0] if inputs else output
                 captured.calls[key] = captured.calls.get(key, 0) + 1
                 if key in captured.order:
                     captured.order.remove(key)
                 captured.order.append(key)
+                return output.clone() if not inputs and isinstance(output, Tensor) else None
 
             handles.append(module.register_forward_hook(hook))
         yield captured
@@ -132,7 +152,8 @@ def edit_output(
     called several times per pass; only the chosen call is edited).
     """
     editor = OutputEdit(edit, call)
-    handle = module.register_forward_hook(editor)
+    # first among the layer's hooks: what others record (a target on the layer) is the edit
+    handle = module.register_forward_hook(editor, prepend=True)
     try:
         yield editor
     finally:

@@ -7,7 +7,9 @@ input (a missing file, a truncated JPEG, a text file named ``.png``) raises a on
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from convlens.checks import RequestTypeError
+from convlens.checks import RequestError, RequestTypeError
 
 __all__ = ["ImageError", "ImageLike", "load_image", "sample_images", "to_pictures", "to_rgb"]
 
@@ -26,8 +28,15 @@ class ImageError(ValueError):
     """An input that cannot be read as an image."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, size: tuple[float, float] | None = None) -> Image.Image:
     """Read an image file as an RGB :class:`PIL.Image.Image`.
+
+    ``size``, (height, width), says the picture will only be scaled down to cover that size
+    (a model's input before its crop): the file may then be decoded at a lower resolution that
+    still covers it, by a power of two (JPEG: at decoding, with ``draft``) or an integer factor
+    (other formats: ``reduce`` right after decoding), so that a huge photo does not cost
+    gigabytes for a small input. A picture larger than ``PIL.Image.MAX_IMAGE_PIXELS`` (a
+    possible decompression bomb) is an :class:`ImageError`.
 
     Example:
         >>> img = cl.load_image("photo.jpg")
@@ -37,16 +46,51 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise ImageError(f"{path} is a folder, not an image file")
+    cover = _cover(size)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if cover is not None:
+                    img.draft(None, (cover[1], cover[0]))  # JPEG: decode at 1/2, 1/4 or 1/8
+                img.load()  # decode now, so a truncated file fails here and not later
+                return to_rgb(img, size)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(
+            f"cannot read {path}: a possible decompression bomb, more pixels than "
+            f"PIL.Image.MAX_IMAGE_PIXELS allows ({str(error).split(',')[0]})"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read {path}: not an image file PIL recognises") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(
             f"cannot read {path}: the file is corrupt or truncated ({error})"
         ) from None
+
+
+def _cover(size: tuple[float, float] | None) -> tuple[int, int] | None:
+    """``size`` as whole pixels (height, width), or ``None``."""
+    if size is None:
+        return None
+    height, width = (math.ceil(float(s)) for s in size)
+    if height < 1 or width < 1:
+        raise RequestError(f"size must be positive (height, width), not {tuple(size)}")
+    return height, width
+
+
+# modes whose pixels ``Image.reduce`` may average (a palette's indices may not be averaged)
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F"})
+
+
+def _shrink(image: Image.Image, cover: tuple[int, int] | None) -> Image.Image:
+    """``image`` reduced by the largest integer factor (2 or more) that still covers
+    ``cover`` (height, width); unchanged otherwise."""
+    if cover is None:
+        return image
+    factor = min(image.height // cover[0], image.width // cover[1])
+    if factor < 2:
+        return image
+    return image.reduce(factor)
 
 
 def _rgb_from_array(array: np.ndarray) -> Image.Image:
@@ -75,21 +119,31 @@ def _rgb_from_array(array: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(array))
 
 
-def to_rgb(image: ImageLike) -> Image.Image:
+def to_rgb(image: ImageLike, size: tuple[float, float] | None = None) -> Image.Image:
     """Any image-like input as an 8-bit RGB PIL image.
 
     Accepts a path, a PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) or an array
     (HxW, HxWxC, or CxHxW; uint8, uint16, bool, or floats in [0, 1] or [0, 255]).
-    Transparent pixels are composited over white.
+    Transparent pixels are composited over white. ``size`` (height, width): the picture will
+    only be scaled down to cover it, so a much larger one may come back reduced by an integer
+    factor that still covers it (see :func:`load_image`).
     """
     if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
+        return load_image(image, size)
+    cover = _cover(size)
     if isinstance(image, np.ndarray):
-        return _rgb_from_array(image)
+        return _shrink(_rgb_from_array(image), cover)
     if not isinstance(image, Image.Image):
         raise RequestTypeError(
             f"expected an image path, PIL image or numpy array, not {type(image).__name__}"
         )
+    if cover is not None and image.mode in _REDUCIBLE:
+        image = _shrink(image, cover)  # before the conversion, which copies the picture
+    rgb = _convert(image)
+    return _shrink(rgb, cover) if cover is not None else rgb
+
+
+def _convert(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):  # 16-bit grayscale PNG

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.checks import RequestError, RequestTypeError
+from convlens.checks import RequestError, RequestTypeError, finite
+from convlens.engine import placement, session
 from convlens.images import ImageLike, to_pictures, to_rgb
 
 __all__ = ["Model", "as_model", "check_input", "wrap"]
@@ -77,12 +78,24 @@ class Model:
     ) -> None:
         if not isinstance(module, nn.Module):
             raise RequestTypeError(f"expected an nn.Module, not {type(module).__name__}")
-        if not 0 < crop <= 1:
+        if not 0 < finite("crop", crop) <= 1:
             raise RequestError(f"crop must be in (0, 1], not {crop}")
-        self.module = module.eval()
-        self.input_size = tuple(input_size) if input_size is not None else None
-        self.mean = tuple(float(v) for v in mean) if mean is not None else None
-        self.std = tuple(float(v) for v in std) if std is not None else None
+        self.module = module  # its train flag stays the caller's: explaining runs in eval mode
+        self.input_size = _input_size(input_size)
+        self.mean = _per_channel("mean", mean)
+        self.std = _per_channel("std", std)
+        if (self.mean is None) != (self.std is None) or (
+            self.mean is not None and self.std is not None and len(self.mean) != len(self.std)
+        ):
+            raise RequestError(
+                f"mean and std need one value per channel each, not {mean!r} and {std!r}"
+            )
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise RequestError(f"std must be positive, not {std!r}")
+        if labels is not None and (
+            isinstance(labels, str) or not all(isinstance(label, str) for label in labels)
+        ):
+            raise RequestTypeError(f"labels must be a list of class names, not {labels!r}")
         self.labels = list(labels) if labels is not None else None
         self.crop = crop
         self.name = name or type(module).__name__
@@ -90,6 +103,11 @@ class Model:
             self.layer(cam_layer)  # fail early on a wrong name
         self.cam_layer = cam_layer
         self.output = output
+
+    @property
+    def channels(self) -> int:
+        """Channels of the model's input: one per ``mean`` value (3 without normalisation)."""
+        return len(self.mean) if self.mean is not None else 3
 
     def __repr__(self) -> str:
         n_labels = len(self.labels) if self.labels else None
@@ -100,13 +118,13 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.module.parameters():
-            return tensor.device
-        return torch.device("cpu")
+        """The device of the module's first floating parameter or buffer (the CPU without)."""
+        return placement(self.module)[0]
 
     # -- preprocessing -------------------------------------------------------------------------
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> Tensor:
-        """Images (paths, PIL images or arrays, one or a list) as a normalised (B, 3, H, W) batch.
+        """Images (paths, PIL images or arrays, one or a list) as a normalised (B, C, H, W) batch
+        (C = 3, or 1 for a model with one ``mean`` and ``std``).
 
         Resizes the shorter side to ``input_size / crop``, centre-crops ``input_size`` and
         normalises with ``mean`` and ``std``.
@@ -120,9 +138,11 @@ class Model:
             if not images:
                 raise RequestError("no images given")
             return torch.cat([self.preprocess(image) for image in images])
-        rgb = to_rgb(images)
-        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)[None]
-        x = x / 255.0
+        picture = to_rgb(images)
+        if self.channels == 1:  # a grayscale model: one channel, as its one mean and std say
+            picture = picture.convert("L")
+        array = np.asarray(picture, dtype=np.float32).copy()
+        x = torch.from_numpy(array).view(*array.shape[:2], -1).permute(2, 0, 1)[None] / 255.0
         height, width = self.input_size
         scale = max(height / x.shape[-2], width / x.shape[-1]) / self.crop
         size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
@@ -145,7 +165,9 @@ class Model:
                     "wrap it with cl.wrap(...) to pass images"
                 )
             x = self.preprocess(x)
-        return check_input(x).detach().to(self.device)
+        # float64 or float16 tensors become float32; the engine casts to the model's own dtype
+        channels = self.channels if self.mean is not None else None
+        return check_input(x, channels).detach().to(device=self.device, dtype=torch.float32)
 
     def to_display(self, x: Tensor) -> np.ndarray:
         """The batch as RGB pictures (B, H, W, 3) uint8, undoing the normalisation."""
@@ -155,8 +177,6 @@ class Model:
     def predict(self, x: Any, batch_size: int | None = None) -> Tensor:
         """Class probabilities (B, K) for a batch or images, through the engine (in batches,
         eval mode meanwhile; every module's train flag is restored afterwards)."""
-        from convlens.engine import session
-
         x = self.inputs(x)
         with session(self, x, batch_size, progress=False) as engine:
             chunks = [engine.forward(x[start:stop]) for start, stop in engine.chunks(len(x))]
@@ -207,9 +227,33 @@ class Model:
         return cached[1]
 
 
+def _input_size(value: Any) -> tuple[int, int] | None:
+    """``(H, W)`` from a pair or one int (a square), checked."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise RequestTypeError(f"input_size must be an int or (height, width), not {value!r}")
+    if min(pair) < 1:
+        raise RequestError(f"input_size must be positive, not {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _per_channel(name: str, values: Any) -> tuple[float, ...] | None:
+    """Per-channel numbers (mean, std), each finite."""
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        values = (values,)
+    numbers = tuple(finite(name, v) for v in values)
+    if not numbers:
+        raise RequestError(f"{name} needs one value per channel, not {values!r}")
+    return numbers
+
+
 def wrap(
     module: nn.Module,
-    input_size: tuple[int, int] = (224, 224),
+    input_size: int | tuple[int, int] = (224, 224),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     labels: Sequence[str] | None = None,

@@ -164,7 +164,10 @@ class Neuron(Target):
 
 def _need_activation(target: Target, activation: Tensor | None) -> Tensor:
     if activation is None:
-        raise RuntimeError(f"{target!r} needs the activation of its layer, which was not captured")
+        raise RequestError(
+            f"{target.describe()} reads layer {_layer_name(layer_of(target))!r}, which the "
+            "forward pass did not call"
+        )
     return activation
 
 
@@ -188,6 +191,8 @@ def _concrete(item: int | str | Target | None, labels: Sequence[str] | None) -> 
         return Predicted()
     if isinstance(item, bool):
         raise RequestTypeError(f"target must be an int, a label name or a Target, not {item!r}")
+    if not isinstance(item, (int, str, Target)) and hasattr(item, "__index__"):
+        item = int(item.__index__())  # a NumPy or torch integer
     if isinstance(item, int):
         if item < 0:
             raise RequestError(f"target class {item} is out of range: class indices start at 0")
@@ -219,8 +224,8 @@ def check_target_spec(
                 "give one target per input"
             )
         return [_concrete(item, labels) for item in spec]
-    if isinstance(spec, Tensor):
-        return check_target_spec(spec.tolist(), n_inputs, labels)
+    if isinstance(spec, Tensor) or type(spec).__module__ == "numpy":  # arrays and scalars
+        return check_target_spec(spec.tolist(), n_inputs, labels)  # type: ignore[union-attr]
     return [_concrete(spec, labels)] * n_inputs
 
 

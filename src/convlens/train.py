@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convlens import viz, zoo
-from convlens.checks import RequestError
-from convlens.files import save_picture
+from convlens.checks import RequestError, finite
+from convlens.files import check_output, printable, save_picture
 from convlens.images import ImageError, load_image
 from convlens.model import Model
 
@@ -54,9 +54,15 @@ class Folder:
     labels: list[int]
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether a file or folder below ``root`` is hidden (its name, or a folder's on the way,
+    starts with '.': ``.ipynb_checkpoints``, ``.DS_Store``, ``._photo.jpg``)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def scan_folder(root: str | os.PathLike) -> Folder:
     """The classes and image files of ``root`` (one sub-folder per class, searched
-    recursively; hidden folders are ignored)."""
+    recursively; hidden files and folders are ignored at every depth)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -71,7 +77,7 @@ def scan_folder(root: str | os.PathLike) -> Folder:
         found = sorted(
             p
             for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root) and p.is_file()
         )
         if not found:
             raise RequestError(
@@ -155,6 +161,10 @@ def _centre(batch: Tensor, size: int) -> Tensor:
     return batch[..., start : start + size, start : start + size].float() / 255.0
 
 
+def _confusion_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_confusion.png")
+
+
 def _confusion(predicted: Tensor, truth: Tensor, k: int) -> Tensor:
     return torch.bincount(truth * k + predicted, minlength=k * k).view(k, k)
 
@@ -183,12 +193,18 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    # the whole request is checked before any work: a bad one costs no training
     if epochs < 1 or batch_size < 1 or image_size < 32:
         raise RequestError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
-    say = log or (lambda text: print(text, file=sys.stderr))
+    if finite("lr", lr) <= 0:
+        raise RequestError(f"lr must be positive, not {lr!r}")
+    if not 0 <= finite("val_fraction", val_fraction) < 1:
+        raise RequestError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    out = check_output(out, "file", what="out")
+    check_output(_confusion_path(out), "file", what="the confusion picture")
+    say = log or (lambda text: print(printable(text), file=sys.stderr))
     started = time.perf_counter()
     folder = scan_folder(data_dir)
-    out = Path(out)
     model = zoo.lite0_transfer(folder.classes, (image_size, image_size), name=folder.root.name)
     module = model.module
     side = round(image_size / model.crop)
@@ -197,11 +213,11 @@ def train(
     pictures, labels, skipped = [], [], []
     for path, label in zip(folder.files, folder.labels, strict=True):
         try:
-            pictures.append(square(load_image(path)))
+            pictures.append(square(load_image(path, size=(side, side))))
             labels.append(label)
         except (ImageError, OSError, ValueError) as error:
             skipped.append((str(path), str(error).splitlines()[0]))
-            say(f"convlens: skipping {path}: {skipped[-1][1]}")
+            say(f"convlens: skipping {printable(path)}: {printable(skipped[-1][1])}")
     if len(set(labels)) < len(folder.classes):
         raise RequestError("every class needs at least one readable image")
     data, targets = torch.stack(pictures), torch.tensor(labels)
@@ -214,6 +230,12 @@ def train(
         f"{len(train_rows)} to train, {len(val_rows)} to validate"
         + (f"; class weights {[round(w, 2) for w in weights.tolist()]}" if balance else "")
     )
+    if not val_rows:
+        say(
+            "no validation split (val_fraction is 0 or no class has 2 images): the accuracies "
+            "shown are on the training images, not a validation measure"
+        )
+    measured = "validation accuracy" if val_rows else "accuracy on the training images"
 
     mean = torch.tensor(model.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.std).view(1, 3, 1, 1)
@@ -268,6 +290,11 @@ def train(
             )
             logits = module((x - mean) / std)
             loss = F.cross_entropy(logits, targets[rows], weight=weights)
+            if not bool(torch.isfinite(loss)):
+                raise RequestError(
+                    f"training diverged: the loss became {float(loss)} in epoch {epoch}; "
+                    f"lower lr (now {lr:g}); no checkpoint written"
+                )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -276,6 +303,11 @@ def train(
             correct += int((logits.argmax(1) == targets[rows]).sum())
             total_loss += float(loss.detach()) * len(rows)
         predicted, val_loss = evaluate(chosen)
+        if not math.isfinite(val_loss):
+            raise RequestError(
+                f"training diverged: the {'validation' if val_rows else 'training'} loss became "
+                f"{val_loss} after epoch {epoch}; lower lr (now {lr:g}); no checkpoint written"
+            )
         accuracy = float((predicted == targets[chosen]).float().mean())
         history.append(
             {
@@ -289,7 +321,7 @@ def train(
         )
         say(
             f"epoch {epoch}/{epochs}: loss {total_loss / seen:.3f}, train accuracy "
-            f"{correct / seen:.3f}, validation accuracy {accuracy:.3f} "
+            f"{correct / seen:.3f}, {measured} {accuracy:.3f} "
             f"({time.perf_counter() - tic:.1f} s)"
         )
         if (accuracy, -val_loss) > best:
@@ -319,10 +351,13 @@ def train(
         "seconds": seconds,
     }
     zoo.save_checkpoint(out, model, training, arch="efficientnet-lite0")
-    picture = out.with_name(f"{out.stem}_confusion.png")
-    title = f"{model.name}: validation accuracy {val_accuracy:.1%}"
+    picture = _confusion_path(out)
+    title = f"{model.name}: {measured} {val_accuracy:.1%}"
     save_picture(viz.confusion_plot(confusion, folder.classes, title), picture)
-    say(f"validation accuracy {val_accuracy:.3f}; wrote {out} and {picture} ({seconds:.0f} s)")
+    say(
+        f"{measured} {val_accuracy:.3f}; wrote {printable(out)} and {printable(picture)} "
+        f"({seconds:.0f} s)"
+    )
     return TrainResult(
         model, out, picture, history, confusion, val_accuracy, per_class, skipped, seconds
     )

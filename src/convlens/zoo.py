@@ -10,6 +10,7 @@ builder: RGB scaled by (x - 127) / 128, centre crop of 224 from a 256-pixel shor
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from importlib import resources
@@ -27,6 +28,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "ZOO",
     "ShapesCNN",
+    "check_checkpoint",
     "efficientnet_lite0",
     "from_checkpoint",
     "imagenet_labels",
@@ -76,7 +78,7 @@ def efficientnet_lite0() -> Model:
     module = _architecture("efficientnet-lite0", 1000)
     module.load_state_dict(_lite0_weights())
     return Model(
-        module,
+        module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
         input_size=(224, 224),
         mean=LITE_MEAN,
         std=LITE_STD,
@@ -97,7 +99,7 @@ def lite0_transfer(
     missing, unexpected = module.load_state_dict(backbone, strict=False)
     assert not unexpected and all(k.startswith("_fc.") for k in missing), (missing, unexpected)
     return Model(
-        module,
+        module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
         input_size=input_size,
         mean=LITE_MEAN,
         std=LITE_STD,
@@ -120,6 +122,12 @@ def make_checkpoint(
         raise RequestError("a checkpoint needs a model with labels and an input size")
     if model.mean is None or model.std is None:
         raise RequestError("a checkpoint needs a model with its normalisation (mean and std)")
+    state = model.module.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise RequestError(
+                f"the model's weight {key} holds NaN or infinite values; no checkpoint is written"
+            )
     cam_layer = model.cam_layer
     if cam_layer is not None and not isinstance(cam_layer, str):
         cam_layer = model.layer_name(cam_layer)
@@ -127,7 +135,7 @@ def make_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
         "name": model.name,
-        "state_dict": model.module.state_dict(),
+        "state_dict": state,
         "labels": list(model.labels),
         "input_size": list(model.input_size),
         "mean": list(model.mean),
@@ -149,20 +157,153 @@ def save_checkpoint(
     return save_torch(make_checkpoint(model, training, arch), path)
 
 
+# fields every checkpoint needs; the others have defaults (those of the bundled Lite0) and are
+# checked when present. ``make_checkpoint`` writes them all.
+REQUIRED_FIELDS = ("state_dict", "labels")
+DEFAULTS: dict[str, Any] = {
+    "arch": "efficientnet-lite0",
+    "input_size": (224, 224),
+    "mean": LITE_MEAN,
+    "std": LITE_STD,
+    "crop": 0.875,
+}
+HEAD = "_fc"  # the classifier of efficientnet-lite0: its weight has one row per class
+
+
+def _numbers(checkpoint: dict[str, Any], field: str, length: int) -> list[float]:
+    value = checkpoint[field]
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != length
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not all(math.isfinite(v) for v in value)
+    ):
+        raise RequestError(
+            f"checkpoint field {field!r} must be {length} finite numbers, not {_short(value)}"
+        )
+    return [float(v) for v in value]
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, torch.Tensor) else f"a tensor {tuple(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_checkpoint(checkpoint: Any) -> None:
+    """Refuse, naming the field, a checkpoint dict that lacks a field it needs (``state_dict``,
+    ``labels``) or holds a malformed one: labels that are not distinct non-empty strings, or
+    whose number is not the number of classes of the weights' head; an ``input_size`` that is
+    not two positive integers; a
+    ``mean``/``std`` that is not three finite numbers (``std`` positive); a ``crop`` outside
+    (0, 1]; weights that do not fit the architecture or are not finite."""
+    if not isinstance(checkpoint, dict):
+        raise RequestError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
+    for field in REQUIRED_FIELDS:
+        if field not in checkpoint:
+            raise RequestError(f"checkpoint lacks the field {field!r}")
+    checkpoint = {**DEFAULTS, **checkpoint}
+    arch = checkpoint["arch"]
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise RequestError(
+            f"checkpoint field 'arch' must be one of {', '.join(ARCHITECTURES)}, not {_short(arch)}"
+        )
+    labels = checkpoint["labels"]
+    if not isinstance(labels, (list, tuple)) or not labels:
+        raise RequestError(
+            f"checkpoint field 'labels' must be a list of names, not {_short(labels)}"
+        )
+    for i, label in enumerate(labels):
+        if not isinstance(label, str) or not label.strip():
+            raise RequestError(
+                f"checkpoint field 'labels': item {i} must be a non-empty string, "
+                f"not {_short(label)}"
+            )
+    if len(set(labels)) != len(labels):
+        repeated = next(label for i, label in enumerate(labels) if label in labels[:i])
+        raise RequestError(f"checkpoint field 'labels' names {repeated!r} more than once")
+    size = checkpoint["input_size"]
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192 for v in size)
+    ):
+        raise RequestError(
+            f"checkpoint field 'input_size' must be two integers (height, width) in [1, 8192], "
+            f"not {_short(size)}"
+        )
+    _numbers(checkpoint, "mean", 3)
+    if any(v <= 0 for v in _numbers(checkpoint, "std", 3)):
+        raise RequestError(
+            f"checkpoint field 'std' must be positive, not {_short(checkpoint['std'])}"
+        )
+    crop = checkpoint["crop"]
+    if (
+        not isinstance(crop, (int, float))
+        or isinstance(crop, bool)
+        or not math.isfinite(crop)
+        or not 0 < crop <= 1
+    ):
+        raise RequestError(
+            f"checkpoint field 'crop' must be a number in (0, 1], not {_short(crop)}"
+        )
+    for field in ("name", "cam_layer"):
+        value = checkpoint.get(field)
+        if value is not None and not isinstance(value, str):
+            raise RequestError(f"checkpoint field {field!r} must be a string, not {_short(value)}")
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise RequestError("checkpoint field 'state_dict' must be a dict of tensors")
+    head = state.get(f"{HEAD}.weight")
+    if head is not None and head.dim() == 2 and head.shape[0] != len(labels):
+        raise RequestError(
+            f"checkpoint field 'labels' has {len(labels)} names but the weights' head "
+            f"({HEAD}.weight) has {head.shape[0]} classes"
+        )
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise RequestError(f"checkpoint field 'state_dict': {key} holds NaN or infinite values")
+
+
 def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
-    """A :class:`Model` from a checkpoint dict written by ``convlens train``."""
+    """A :class:`Model` from a checkpoint dict written by ``convlens train``; a malformed one
+    is refused naming the field (:func:`check_checkpoint`)."""
+    check_checkpoint(checkpoint)
+    checkpoint = {**DEFAULTS, **checkpoint}
     labels = list(checkpoint["labels"])
-    module = _architecture(checkpoint.get("arch", "efficientnet-lite0"), len(labels))
-    module.load_state_dict(checkpoint["state_dict"])
+    module = _architecture(checkpoint["arch"], len(labels))
+    expected = module.state_dict()
+    state = checkpoint["state_dict"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has an unexpected {unexpected[0]!r}"
+        raise RequestError(
+            f"checkpoint field 'state_dict' does not fit {checkpoint['arch']}: it {what} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for key, value in expected.items():
+        if state[key].shape != value.shape and key.startswith(f"{HEAD}."):
+            raise RequestError(
+                f"checkpoint field 'labels' has {len(labels)} names, which does not fit the "
+                f"weights' head: {key} has shape {tuple(state[key].shape)}"
+            )
+        if state[key].shape != value.shape:
+            raise RequestError(
+                f"checkpoint field 'state_dict': {key} has shape {tuple(state[key].shape)}, "
+                f"{checkpoint['arch']} needs {tuple(value.shape)}"
+            )
+    module.load_state_dict(state)
     return Model(
-        module,
-        input_size=tuple(checkpoint.get("input_size", (224, 224))),
-        mean=checkpoint.get("mean", LITE_MEAN),
-        std=checkpoint.get("std", LITE_STD),
+        module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
+        input_size=tuple(checkpoint["input_size"]),
+        mean=checkpoint["mean"],
+        std=checkpoint["std"],
         labels=labels,
         cam_layer=checkpoint.get("cam_layer", HEAD_LAYER),
-        crop=float(checkpoint.get("crop", 0.875)),
-        name=checkpoint.get("name", checkpoint.get("arch", "efficientnet-lite0")),
+        crop=float(checkpoint["crop"]),
+        name=checkpoint.get("name") or checkpoint["arch"],
     )
 
 
@@ -201,7 +342,7 @@ def shapes_model(module: nn.Module) -> Model:
     from convlens.datasets import SHAPES
 
     return Model(
-        module,
+        module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
         input_size=(64, 64),
         mean=SHAPES_MEAN,
         std=SHAPES_STD,
@@ -248,4 +389,7 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
             f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
             "model build the nn.Module yourself and use cl.wrap(module, ...)"
         )
-    return from_checkpoint(checkpoint)
+    try:
+        return from_checkpoint(checkpoint)
+    except RequestError as error:
+        raise type(error)(f"{path}: {error}") from None

@@ -22,7 +22,54 @@ from convlens.checks import RequestError
 from convlens.features.common import Features, layer_outputs, resolve_layer
 from convlens.model import Model, as_model
 
-__all__ = ["dissect"]
+__all__ = ["check_concepts", "dissect"]
+
+
+def check_concepts(concept_masks: Any, n_images: int | None = None) -> dict[str, Tensor]:
+    """``{name: (N, H, W) masks}`` as boolean tensors, or a one-line error naming the concept
+    at fault: names must be non-empty strings; masks boolean, or numbers that are all 0 or 1
+    (no NaN); every concept's masks of one shape, with ``n_images`` masks when given."""
+    if not isinstance(concept_masks, Mapping):
+        raise RequestError(
+            f"concepts must be a dict {{name: (N, H, W) masks}}, not {type(concept_masks).__name__}"
+        )
+    if not concept_masks:
+        raise RequestError("give at least one concept: {name: masks (N, H, W)}")
+    checked: dict[str, Tensor] = {}
+    shape = None
+    for name, value in concept_masks.items():
+        if not isinstance(name, str) or not name.strip():
+            raise RequestError(f"concept names must be non-empty strings, not {name!r}")
+        try:
+            masks = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise RequestError(
+                f"concept {name!r} is a {type(value).__name__}, not (N, H, W) masks"
+            ) from None
+        if masks.dim() != 3 or 0 in masks.shape:
+            raise RequestError(
+                f"concept {name!r} has masks of shape {tuple(masks.shape)}, not (N, H, W)"
+            )
+        if masks.is_complex() or not (
+            masks.dtype == torch.bool or bool(((masks == 0) | (masks == 1)).all())
+        ):
+            raise RequestError(
+                f"concept {name!r} must be boolean masks (or 0 and 1), not {masks.dtype} values "
+                "such as NaN or 0.5"
+            )
+        if shape is not None and masks.shape != shape:
+            raise RequestError(
+                f"concept {name!r} has masks of shape {tuple(masks.shape)}; the first concept's "
+                f"are {tuple(shape)}"
+            )
+        shape = masks.shape
+        if n_images is not None and masks.shape[0] != n_images:
+            raise RequestError(
+                f"concept {name!r} has {masks.shape[0]} masks; each concept needs one per "
+                f"image ({n_images})"
+            )
+        checked[name] = masks.bool()
+    return checked
 
 
 def dissect(
@@ -40,15 +87,9 @@ def dissect(
     """
     wrapped = as_model(model)
     x = wrapped.inputs(images)
-    if not concept_masks:
-        raise RequestError("give at least one concept: {name: masks (N, H, W)}")
-    names = list(concept_masks)
-    masks = torch.stack([torch.as_tensor(concept_masks[n]).bool() for n in names], dim=1)
-    if masks.dim() != 4 or masks.shape[0] != len(x):
-        raise RequestError(
-            f"each concept needs masks of shape (N, H, W) for the {len(x)} images, got "
-            f"{tuple(masks.shape)}"
-        )
+    checked = check_concepts(concept_masks, len(x))
+    names = list(checked)
+    masks = torch.stack([checked[n] for n in names], dim=1)
     if not 0 < quantile < 1:
         raise RequestError(f"quantile must be in (0, 1), not {quantile}")
     name = resolve_layer(wrapped, layer)

@@ -22,7 +22,21 @@ from convlens.features.common import Features, layer_outputs
 from convlens.hooks import call_order
 from convlens.model import Model, as_model
 
-__all__ = ["embed", "neighbours", "tsne"]
+__all__ = ["check_distinct", "embed", "neighbours", "tsne"]
+
+
+def check_distinct(vectors: Tensor) -> None:
+    """Refuse embeddings t-SNE cannot place: fewer than 2 distinct ones, or non-finite values
+    (scikit-learn's t-SNE crashes the process, SIGSEGV, on all-identical points)."""
+    if vectors.dim() != 2 or len(vectors) < 2:
+        raise RequestError(f"t-SNE needs at least 2 embeddings, not {tuple(vectors.shape)}")
+    if not bool(torch.isfinite(vectors).all()):
+        raise RequestError("t-SNE needs finite embeddings; the model gave NaN or infinite values")
+    if len(torch.unique(vectors.double(), dim=0)) < 2:
+        raise RequestError(
+            f"t-SNE needs at least 2 distinct embeddings; the {len(vectors)} images all have "
+            "the same one (identical images?)"
+        )
 
 
 def _penultimate(model: Model, x: Tensor) -> str:
@@ -137,6 +151,7 @@ def tsne(
     if len(x) < 5:
         raise RequestError("t-SNE needs at least 5 images")
     vectors, name = _embeddings(wrapped, x, layer, batch_size)
+    check_distinct(vectors)
     perplexity = min(perplexity, (len(x) - 1) / 3)
     points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
         vectors.double().numpy()

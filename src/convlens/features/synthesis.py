@@ -38,8 +38,8 @@ COLOR_CORRELATION = COLOR_CORRELATION / COLOR_CORRELATION.norm(dim=0).max()
 
 
 def _normaliser(model: Model) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(model.mean or (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
-    std = torch.tensor(model.std or (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
+    mean = torch.tensor(model.mean or (0.0,) * model.channels).view(1, -1, 1, 1)
+    std = torch.tensor(model.std or (1.0,) * model.channels).view(1, -1, 1, 1)
     return mean, std
 
 
@@ -223,7 +223,7 @@ def deep_dream(
     name = resolve_layer(wrapped, layer)
     module = wrapped.layer(name)
     mean, std = _normaliser(wrapped)
-    low, high = (0 - mean) / std, (1 - mean) / std
+    low, high = ((0 - mean) / std).to(x), ((1 - mean) / std).to(x)
     generator = torch.Generator().manual_seed(seed)
 
     def objective(v: Tensor) -> Tensor:
@@ -268,5 +268,5 @@ def deep_dream(
             after = float(objective(current))
     picture = Image.fromarray(to_pictures(current, wrapped.mean, wrapped.std)[0])
     info = {"layer": name, "objective_before": before, "objective_after": after}
-    data = {"image": current.detach(), "objective": torch.tensor([before, after])}
+    data = {"image": current.detach().cpu(), "objective": torch.tensor([before, after])}
     return Features("deep_dream", data, picture, info)

@@ -8,16 +8,21 @@ Bandit Subset Selection", COLT).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from convlens.checks import RequestError, positive_int
+from convlens.checks import RequestError, finite, positive_int
 from convlens.methods.base import Result
-from convlens.methods.perturbation import PerturbationMethod, prepare_superpixels
+from convlens.methods.perturbation import (
+    PerturbationMethod,
+    check_superpixels,
+    prepare_superpixels,
+)
 from convlens.registry import register
-from convlens.targets import Class, Target
+from convlens.targets import Class, Predicted, Target
 
 __all__ = ["Anchors", "kl_bounds"]
 
@@ -85,21 +90,43 @@ class Anchors(PerturbationMethod):
         "(whether the threshold was reached), the samples used and the segments (H, W)",
     }
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        check_superpixels(params)
+        for name in ("beam", "batch", "max_size", "n_samples"):
+            positive_int(name, params[name])
+        if not 0 < finite("threshold", params["threshold"]) <= 1:
+            raise RequestError(f"threshold must be in (0, 1], not {params['threshold']!r}")
+        for name in ("epsilon", "delta"):
+            if not 0 < finite(name, params[name]) < 1:
+                raise RequestError(f"{name} must be in (0, 1), not {params[name]!r}")
+        others = params["other_images"]
+        if others is not None:
+            others = torch.as_tensor(others)
+            if others.dim() != 4 or not bool(torch.isfinite(others).all()):
+                raise RequestError(
+                    "other_images must be finite images of shape (N, C, H, W), not "
+                    f"{others.dtype} {tuple(others.shape)}"
+                )
+
+    @classmethod
+    def check_targets(cls, targets: Sequence[Target]) -> None:
+        for target in targets:
+            if not isinstance(target, (Class, Predicted)):
+                raise RequestError(
+                    f"anchors explains a class (the prediction kept), not {type(target).__name__}"
+                )
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         params = self.params
-        batch = positive_int("batch", params["batch"])
-        budget = positive_int("n_samples", params["n_samples"])
+        batch, budget = int(params["batch"]), int(params["n_samples"])
         pictures = self.model.to_display(x)
         generator = self.generator()
         maps, found = [], []
         with self.engine.task(len(x) * (1 + budget)):  # the search may stop before its budget
             _, targets = self.engine.clean(x, targets)
             for i, target in enumerate(targets):
-                if not isinstance(target, Class):
-                    raise RequestError(
-                        "anchors explains a class (the prediction kept), not "
-                        f"{type(target).__name__}"
-                    )
+                assert isinstance(target, Class), "check_targets lets only classes through"
                 segments, onehot, fill = prepare_superpixels(pictures[i], x[i], params)
                 m = len(onehot)
                 search = _Search(self, x[i], fill, onehot, target, generator, batch, budget)
@@ -148,17 +175,21 @@ class _Search:
         others = method.params["other_images"]
         self.others = None if others is None else torch.as_tensor(others).to(x)
 
-    def pull(self, anchor: tuple[int, ...]) -> None:
-        """Draw ``batch`` samples satisfying ``anchor`` and count those predicted as the class."""
+    def pull(self, anchor: tuple[int, ...]) -> bool:
+        """Draw ``batch`` samples satisfying ``anchor`` (fewer where the budget ends) and count
+        those predicted as the class; False, drawing none, once the budget is spent."""
+        n = min(self.batch, self.budget - self.used)
+        if n <= 0:
+            return False
         m = self.onehot.shape[0]
-        keep = torch.rand(self.batch, m, generator=self.generator) < 0.5
+        keep = torch.rand(n, m, generator=self.generator) < 0.5
         keep[:, list(anchor)] = True
         keep = keep.to(self.x.device, self.x.dtype)
         if self.others is not None:
-            pick = torch.randint(len(self.others), (self.batch,), generator=self.generator)
+            pick = torch.randint(len(self.others), (n,), generator=self.generator)
             fills = self.others[pick.to(self.others.device)]
         else:
-            fills = self.fill.expand(self.batch, -1, -1, -1)
+            fills = self.fill.expand(n, -1, -1, -1)
 
         def perturbed(start: int, stop: int) -> Tensor:
             shown = (keep[start:stop] @ self.onehot.flatten(1)).view(
@@ -166,11 +197,12 @@ class _Search:
             )
             return fills[start:stop] + shown * (self.x - fills[start:stop])
 
-        hits = self.method.engine.scores(self.batch, perturbed, self.target, _kept)
+        hits = self.method.engine.scores(n, perturbed, self.target, _kept)
         record = self.stats.setdefault(anchor, [0.0, 0.0])
         record[0] += float(hits.sum())
-        record[1] += self.batch
-        self.used += self.batch
+        record[1] += n
+        self.used += n
+        return True
 
     def bounds(self, anchors: list[tuple[int, ...]], level: float) -> tuple[Tensor, Tensor, Tensor]:
         hits = torch.tensor([self.stats[a][0] for a in anchors], dtype=torch.float64)
@@ -183,8 +215,9 @@ class _Search:
         """KL-LUCB: the ``keep`` candidates of highest precision, to tolerance epsilon."""
         epsilon, delta = self.method.params["epsilon"], self.method.params["delta"]
         for anchor in candidates:
-            if anchor not in self.stats:
-                self.pull(anchor)
+            if anchor not in self.stats and not self.pull(anchor):
+                break
+        candidates = [a for a in candidates if a in self.stats]  # the budget may end first
         keep = min(keep, len(candidates))
         if keep == len(candidates):
             return candidates
@@ -221,7 +254,10 @@ class _Search:
             )
             if not candidates:
                 break
-            beam = self.best(candidates, params["beam"])
+            ranked = self.best(candidates, params["beam"])
+            if not ranked:  # the budget ended before any candidate was sampled
+                break
+            beam = ranked
             for anchor in beam:
                 if self.confirm(anchor, len(candidates), threshold, delta) and best is None:
                     best = (anchor, float(self.bounds([anchor], 1.0)[0][0]))
@@ -235,8 +271,8 @@ class _Search:
 
     def confirm(self, anchor: tuple[int, ...], arms: int, threshold: float, delta: float) -> bool:
         """Sample ``anchor`` until its precision bounds decide the threshold (or budget ends)."""
-        if anchor not in self.stats:
-            self.pull(anchor)
+        if anchor not in self.stats and not self.pull(anchor):
+            return False
         level = math.log(405.5 * arms / delta)
         while True:
             _, low, high = self.bounds([anchor], level)

@@ -10,7 +10,7 @@ so a method file holds only its mathematics.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +58,8 @@ class Method(ABC):
         batch_size: default number of images per model call.
         random: whether the method draws random numbers (then ``seed`` matters).
         uses_layer: whether the method takes ``layer``.
+        reads_inside: whether the method changes backward rules or reads inner layers, which
+            TorchScript code hides from Python (the method is refused on scripted models).
     """
 
     name: ClassVar[str] = ""
@@ -69,6 +71,7 @@ class Method(ABC):
     batch_size: ClassVar[int] = 8
     random: ClassVar[bool] = False
     uses_layer: ClassVar[bool] = False
+    reads_inside: ClassVar[bool] = False
 
     def __init__(self, engine: Engine, params: Mapping[str, Any], seed: int = 0):
         self.engine = engine
@@ -87,6 +90,25 @@ class Method(ABC):
                 f"it takes: {valid}"
             )
         return {**cls.defaults, **given}
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        """Raise a :class:`~convlens.checks.RequestError` naming the first bad value among
+        ``params`` (from :meth:`resolve_params`), before any work is done. Subclasses extend
+        it with their own parameters."""
+        return None
+
+    @classmethod
+    def check_targets(cls, targets: Sequence[Target]) -> None:
+        """Refuse, before any work, targets the method cannot explain (``Predicted()`` is
+        still unresolved here)."""
+        return None
+
+    @classmethod
+    def needs_python(cls, params: Mapping[str, Any]) -> bool:
+        """Whether the method, with ``params``, must see the model's Python code
+        (:attr:`reads_inside`)."""
+        return cls.reads_inside
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with the call's ``seed`` (reproducible bit for bit)."""

@@ -13,7 +13,7 @@ choices each paper makes are recorded in ``Explanation.params``.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.checks import RequestError
-from convlens.engine import Sampler, Score
+from convlens.checks import RequestError, RequestTypeError, finite
+from convlens.engine import Score, Scored
 from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method, Result
 from convlens.methods.gradient import GuidedBackprop
@@ -31,6 +31,7 @@ from convlens.registry import register
 from convlens.targets import (
     Class,
     Contrast,
+    Predicted,
     Target,
     check_class,
     probability_scores,
@@ -90,55 +91,64 @@ class CAMMethod(Method):
     """Base of the CAM family: layer choice, capture and upsampling."""
 
     uses_layer = True
+    reads_inside = True
     reduction = "sum"
     multi_layer: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True}
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        if "relu" in params and not isinstance(params["relu"], bool):
+            raise RequestTypeError(f"relu must be True or False, not {params['relu']!r}")
+        layers = params["layer"]
+        specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if not specs:
+            raise RequestError("layer is an empty list")
+        for spec in specs:
+            if spec is not None and not isinstance(spec, (str, nn.Module)):
+                raise RequestTypeError(
+                    f"layer must be a name, a module or a list of them, not {spec!r}"
+                )
+        if len(specs) > 1 and not cls.multi_layer:
+            raise RequestError(f"{cls.name} explains one layer; only layercam fuses several")
+
     # -- the layer ----------------------------------------------------------------------------
-    def _candidates(self) -> tuple[dict[int, nn.Module], bool]:
-        """Modules to capture and whether the choice among them waits for the forward pass."""
+    def _layers(self) -> dict[int, nn.Module]:
+        """The modules to explain: the given ones, ``Model.cam_layer``, or else the last
+        convolution whose output is still spatial in the engine's probe of the model."""
         spec = self.params["layer"]
         if spec is None:
             spec = self.model.cam_layer
         if spec is None:
-            convs = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Conv2d)}
-            if not convs:
-                raise RequestError("the model has no nn.Conv2d to explain; pass layer=NAME")
-            return convs, True
-        specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
-        if not specs:
-            raise RequestError("layer is an empty list")
-        if len(specs) > 1 and not self.multi_layer:
-            raise RequestError(f"{self.name} explains one layer; only layercam fuses several")
-        modules = [self.model.layer(s) for s in specs]
-        return {id(m): m for m in modules}, False
-
-    def _chosen(
-        self, captured: Captured, layers: dict[int, nn.Module], auto: bool
-    ) -> tuple[list[int], list[str]]:
-        """Keys of the layers to explain, and their names."""
-        if auto:
             spatial = [
-                key
-                for key in captured.order
-                if key in layers
-                and isinstance(captured[key], Tensor)
-                and captured[key].dim() == 4
-                and captured[key].shape[-1] * captured[key].shape[-2] > 1
+                layer
+                for layer, shape in self.engine.calls
+                if isinstance(layer, nn.Conv2d)
+                and shape is not None
+                and len(shape) == 4
+                and shape[-1] * shape[-2] > 1
             ]
             if not spatial:
-                raise RequestError("no convolution in the model has a spatial output; pass layer=")
-            keys = [spatial[-1]]
-        else:
-            keys = list(layers)
-            for key in keys:
-                if key not in captured:
-                    name = self.model.layer_name(layers[key])
-                    raise RequestError(f"layer {name!r} was not called in the forward pass")
-                if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
-                    name = self.model.layer_name(layers[key])
-                    raise RequestError(f"layer {name!r} does not output a (B, C, H, W) tensor")
-        return keys, [self.model.layer_name(layers[key]) for key in keys]
+                raise RequestError(
+                    "no nn.Conv2d in the model has a spatial output to explain; pass layer=NAME"
+                )
+            return {id(spatial[-1]): spatial[-1]}
+        specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        modules = [self.model.layer(s) for s in specs]
+        return {id(m): m for m in modules}
+
+    def _chosen(
+        self, captured: Captured, layers: dict[int, nn.Module]
+    ) -> tuple[list[int], list[str]]:
+        """Keys of the layers to explain (checked in the pass), and their names."""
+        for key, layer in layers.items():
+            if key not in captured:
+                name = self.model.layer_name(layer)
+                raise RequestError(f"layer {name!r} was not called in the forward pass")
+            if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
+                name = self.model.layer_name(layer)
+                raise RequestError(f"layer {name!r} does not output a (B, C, H, W) tensor")
+        return list(layers), [self.model.layer_name(layer) for layer in layers.values()]
 
     @staticmethod
     def resolved(names: list[str]) -> dict[str, Any]:
@@ -149,7 +159,7 @@ class CAMMethod(Method):
     def clean_forward(self, x: Tensor, targets: list[Target]) -> _Clean:
         """The explained layers' activations, the target scores and the resolved targets of
         the clean inputs, in chunks, without gradients."""
-        layers, auto = self._candidates()
+        layers = self._layers()
         parts: list[list[Tensor]] = []
         scores, resolved = [], []
         keys: list[int] = []
@@ -157,7 +167,7 @@ class CAMMethod(Method):
         calls = 1
         for start, stop in self.engine.chunks(len(x)):
             step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
-            keys, names = self._chosen(step.captured, layers, auto)
+            keys, names = self._chosen(step.captured, layers)
             calls = step.captured.calls[keys[0]]
             parts.append([step.captured[key].float() for key in keys])
             scores.append(step.scores)
@@ -187,9 +197,9 @@ class GradientCAM(CAMMethod):
         self, x: Tensor, targets: list[Target]
     ) -> tuple[list[Tensor], list[Tensor], list[Target], list[str]]:
         """One forward pass and one backward pass that stops at the explained layer(s)."""
-        layers, auto = self._candidates()
+        layers = self._layers()
         step = self.engine.evaluate(x, targets, layers=layers, grad=True)
-        keys, names = self._chosen(step.captured, layers, auto)
+        keys, names = self._chosen(step.captured, layers)
         activations = [step.captured[key] for key in keys]
         gradients = torch.autograd.grad(step.scores.sum(), activations, allow_unused=True)
         gradients = [
@@ -294,6 +304,12 @@ class LayerCAM(GradientCAM):
     multi_layer = True
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True, "gamma": 2.0}
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if finite("gamma", params["gamma"]) <= 0:
+            raise RequestError(f"gamma must be positive, not {params['gamma']!r}")
+
     def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
         return (gradients.clamp(min=0) * activations).sum(dim=1)
 
@@ -319,7 +335,7 @@ class CAM(CAMMethod):
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        layers, auto = self._candidates()
+        layers = self._layers()
         linears = {id(m): m for m in self.model.module.modules() if isinstance(m, nn.Linear)}
         maps, resolved = [], []
         names: list[str] = []
@@ -327,7 +343,7 @@ class CAM(CAMMethod):
             for start, stop in self.engine.chunks(len(x)):
                 with capture(linears, inputs=True) as features:
                     step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
-                (key,), names = self._chosen(step.captured, layers, auto)
+                (key,), names = self._chosen(step.captured, layers)
                 activations = step.captured[key].float()
                 weights = self._class_weights(activations, step.output, features, linears)
                 rows = torch.stack([self._row_weights(t, weights) for t in step.targets])
@@ -375,21 +391,23 @@ class CAM(CAMMethod):
             check_class(target.p, len(weights))
             check_class(target.q, len(weights))
             return weights[target.p] - weights[target.q]
-        raise RequestError(
-            "cam explains classes (its weights are the classifier's); use gradcam for "
-            f"{type(target).__name__} targets"
-        )
+        raise AssertionError(f"check_targets lets only classes through, not {target!r}")
+
+    @classmethod
+    def check_targets(cls, targets: Sequence[Target]) -> None:
+        for target in targets:
+            if not isinstance(target, (Class, Contrast, Predicted)):
+                raise RequestError(
+                    "cam explains classes (its weights are the classifier's); use gradcam for "
+                    f"{type(target).__name__} targets"
+                )
 
 
-class _ChannelScores(Sampler):
+class _ChannelScores(Scored):
     """One forward pass per channel of a layer; the scores are kept per channel."""
 
     def __init__(self, x: Tensor, features: Tensor) -> None:
         self.x, self.features, self.n = x, features, len(features)
-        self.scores = torch.empty(self.n)
-
-    def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
-        self.scores[start:stop] = scores.cpu()
 
 
 class ChannelScoringCAM(CAMMethod):
@@ -408,9 +426,14 @@ class ChannelScoringCAM(CAMMethod):
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
         """Channel weights from the per-channel scores and the clean input's score."""
 
+    def check_clean(self, scores: Tensor) -> None:
+        """Refuse, before the per-channel passes, clean scores the weights cannot use."""
+        return None
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         with self.engine.task(len(x)):
             clean = self.clean_forward(x, targets)
+            self.check_clean(clean.scores)
             (features,) = clean.activations
             self.engine.expect(len(x) * features.shape[1])
             samplers = self.engine.perturb(
@@ -421,7 +444,6 @@ class ChannelScoringCAM(CAMMethod):
         maps = [
             weighted_sum(features[i : i + 1], self.weights(s.scores, clean.scores[i])[None])
             for i, s in enumerate(samplers)
-            if isinstance(s, _ChannelScores)
         ]
         attribution = self.finish([torch.cat(maps)], x.shape[-2:])
         return Result(attribution, clean.targets, self.resolved(clean.names))
@@ -455,7 +477,7 @@ class ScoreCAM(ChannelScoringCAM):
         return _ScoreMasks(x, features)
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
-        return scores.to(clean.device)
+        return scores
 
 
 class _Ablations(_ChannelScores):
@@ -492,10 +514,15 @@ class AblationCAM(ChannelScoringCAM):
     def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
         return _Ablations(x, features, layer, calls)
 
+    def check_clean(self, scores: Tensor) -> None:
+        zero = (scores == 0).nonzero().flatten().tolist()
+        if zero:
+            raise RequestError(
+                f"ablationcam divides by the target score, which is 0 for input(s) {zero}"
+            )
+
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
-        if clean == 0:
-            raise RequestError("ablationcam divides by the target score, which is 0 here")
-        return (clean - scores.to(clean.device)) / clean
+        return (clean - scores) / clean
 
 
 @register("eigencam", "cam")

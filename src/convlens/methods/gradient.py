@@ -8,6 +8,7 @@ only in the backward rule they install on every rectifier (:mod:`convlens.hooks`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any, ClassVar
 
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from convlens.baselines import make_baseline
-from convlens.checks import RequestError, finite, positive_int
+from convlens.baselines import check_baseline, make_baseline
+from convlens.checks import RequestError, RequestTypeError, finite, positive_int
 from convlens.hooks import BackwardRule, override_rectifiers, rules
 from convlens.methods.base import Method, Result
 from convlens.registry import get_method, register
@@ -80,6 +81,11 @@ class Saliency(GradientMethod):
     description = "|gradient| of the class score (Simonyan et al. 2014)"
     defaults: ClassVar[dict[str, Any]] = {"absolute": True}
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        if not isinstance(params["absolute"], bool):
+            raise RequestTypeError(f"absolute must be True or False, not {params['absolute']!r}")
+
     def attribute(self, x: Tensor, targets: list[Target]) -> tuple[Tensor, list[Target]]:
         grad, targets = self.gradients(x, targets)
         return (grad.abs() if self.params["absolute"] else grad), targets
@@ -111,6 +117,7 @@ class Deconvnet(GradientMethod):
     """
 
     description = "deconvnet projection to pixels (Zeiler & Fergus 2014)"
+    reads_inside = True
     rule = staticmethod(rules.deconvnet)
 
 
@@ -123,6 +130,7 @@ class GuidedBackprop(GradientMethod):
     """
 
     description = "guided backpropagation (Springenberg et al. 2015)"
+    reads_inside = True
     rule = staticmethod(rules.guided)
 
 
@@ -175,8 +183,13 @@ class IntegratedGradients(GradientMethod):
         "score_difference": "per input: F(x) - F(baseline), the target's score difference",
     }
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        integration_points(params["steps"], params["integration"])
+        check_baseline(params["baseline"])
+
     def cost(self) -> int:
-        return positive_int("steps", self.params["steps"])
+        return int(self.params["steps"])
 
     def attribute(
         self, x: Tensor, targets: list[Target], baseline: Tensor | None = None
@@ -197,7 +210,6 @@ class IntegratedGradients(GradientMethod):
         return attributions, targets
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        integration_points(self.params["steps"], self.params["integration"])  # validate first
         baseline = make_baseline(self.params["baseline"], x)
         with self.engine.task(len(x) * (2 + self.cost())):
             end, targets = self.engine.clean(x, targets)
@@ -228,22 +240,38 @@ class SmoothGrad(GradientMethod):
         "base_params": None,
     }
 
-    def _base(self) -> GradientMethod:
-        base_cls = get_method(self.params["base"])
+    @staticmethod
+    def base_method(params: Mapping[str, Any]) -> tuple[type[GradientMethod], dict[str, Any]]:
+        """The wrapped gradient method's class and its parameters (checked)."""
+        base_cls = get_method(params["base"])
         if not issubclass(base_cls, GradientMethod) or issubclass(base_cls, SmoothGrad):
             raise RequestError(
                 f"smoothgrad wraps a gradient method (saliency, input_x_gradient, deconvnet, "
-                f"guided_backprop, integrated_gradients), not {self.params['base']!r}"
+                f"guided_backprop, integrated_gradients), not {params['base']!r}"
             )
-        params = base_cls.resolve_params(dict(self.params["base_params"] or {}))
-        return base_cls(self.engine, params, self.seed)
+        base_params = params["base_params"] or {}
+        if not isinstance(base_params, Mapping):
+            raise RequestTypeError(f"base_params must be a dict, not {base_params!r}")
+        resolved = base_cls.resolve_params(dict(base_params))
+        base_cls.check(resolved)
+        return base_cls, resolved
+
+    @classmethod
+    def needs_python(cls, params: Mapping[str, Any]) -> bool:
+        base_cls, base_params = cls.base_method(params)
+        return base_cls.needs_python(base_params)
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        cls.base_method(params)
+        positive_int("n_samples", params["n_samples"])
+        if finite("noise", params["noise"]) < 0:
+            raise RequestError(f"noise must be non-negative, not {params['noise']}")
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        base = self._base()
-        n_samples = positive_int("n_samples", self.params["n_samples"])
-        noise = finite("noise", self.params["noise"])
-        if noise < 0:
-            raise RequestError(f"noise must be non-negative, not {noise}")
+        base_cls, base_params = self.base_method(self.params)
+        base = base_cls(self.engine, base_params, self.seed)
+        n_samples, noise = int(self.params["n_samples"]), float(self.params["noise"])
         generator = self.generator()
         attributions = torch.empty_like(x)
         with self.engine.task(len(x) * (1 + n_samples * base.cost())):

@@ -8,13 +8,14 @@ arXiv:1910.08485.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convlens.baselines import gaussian_blur, make_baseline
+from convlens.baselines import check_baseline, gaussian_blur, make_baseline
 from convlens.checks import RequestError, finite, positive_int
 from convlens.methods.base import Result
 from convlens.methods.perturbation import PerturbationMethod
@@ -72,22 +73,31 @@ class MeaningfulPerturbation(PerturbationMethod):
         noise = torch.randn(x.shape, generator=generator).to(x.device)
         return x + 0.2 * spread * noise
 
-    def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        params = self.params
-        steps = positive_int("steps", params["steps"])
-        size = positive_int("mask_size", params["mask_size"])
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        positive_int("steps", params["steps"])
+        positive_int("mask_size", params["mask_size"])
+        if params["game"] not in ("deletion", "preservation"):
+            raise RequestError(f"game must be deletion or preservation, not {params['game']!r}")
         area = params["area"]
-        game = "preservation" if area is not None else params["game"]
-        if game not in ("deletion", "preservation"):
-            raise RequestError(f"game must be deletion or preservation, not {game!r}")
         if area is not None and not 0 < finite("area", area) < 1:
             raise RequestError(f"area must be a fraction in (0, 1), not {area}")
         if params["perturbation"] not in ("blur", "constant", "noise"):
             raise RequestError(
                 f"perturbation must be blur, constant or noise, not {params['perturbation']!r}"
             )
-        for name in ("lr", "l1", "tv", "tv_beta", "blur_sigma"):
-            finite(name, params[name])
+        for name in ("lr", "tv_beta"):
+            if finite(name, params[name]) <= 0:
+                raise RequestError(f"{name} must be positive, not {params[name]!r}")
+        for name in ("l1", "tv", "blur_sigma"):
+            if finite(name, params[name]) < 0:
+                raise RequestError(f"{name} must be non-negative, not {params[name]!r}")
+        check_baseline(params["baseline"])
+
+    def explain(self, x: Tensor, targets: list[Target]) -> Result:
+        params = self.params
+        steps, size, area = int(params["steps"]), int(params["mask_size"]), params["area"]
+        game = "preservation" if area is not None else params["game"]
         generator = self.generator()
         maps = []
         with self.engine.task(len(x) * (1 + steps)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convlens.baselines import make_baseline
+from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, finite, positive_int
-from convlens.engine import Sampler
+from convlens.engine import Sampler, Scored
 from convlens.methods.base import Method, Result
 from convlens.registry import register
 from convlens.targets import Target, probability_scores, score_rows, scorer
@@ -31,6 +32,7 @@ __all__ = [
     "Occlusion",
     "PerturbationMethod",
     "SurrogateMethod",
+    "check_superpixels",
     "prepare_superpixels",
     "rise_masks",
     "superpixel_fill",
@@ -72,9 +74,14 @@ class Occlusion(PerturbationMethod):
     description = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
     defaults: ClassVar[dict[str, Any]] = {"window": 32, "stride": 16, "baseline": "zero"}
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        positive_int("window", params["window"])
+        positive_int("stride", params["stride"])
+        check_baseline(params["baseline"])
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        window = positive_int("window", self.params["window"])
-        stride = positive_int("stride", self.params["stride"])
+        window, stride = int(self.params["window"]), int(self.params["stride"])
         height, width = x.shape[-2:]
         if window > min(height, width):
             raise RequestError(f"window {window} is larger than the input ({height}x{width})")
@@ -83,19 +90,14 @@ class Occlusion(PerturbationMethod):
         positions = [(top, left) for top in rows for left in cols]
         with self.engine.task(len(x) * (1 + len(positions))):
             clean, targets = self.engine.clean(x, targets, self.score)
-            maps = []
-            for i, target in enumerate(targets):
-
-                def occluded(start: int, stop: int, i: int = i) -> Tensor:
-                    batch = x[i : i + 1].repeat(stop - start, 1, 1, 1)
-                    for row, (top, left) in enumerate(positions[start:stop]):
-                        patch = (slice(None), slice(top, top + window), slice(left, left + window))
-                        batch[(row, *patch)] = baseline[(i, *patch)]
-                    return batch
-
-                scores = self.engine.scores(len(positions), occluded, target, self.score)
-                drops = (clean[i] - scores).view(1, 1, len(rows), len(cols))
-                maps.append(self._spread(drops, window, stride, (height, width)))
+            occluded = self.engine.perturb(
+                targets, lambda i, _: _Windows(x[i], baseline[i], positions, window), self.score
+            )
+        maps = [
+            self._spread((clean[i] - s.scores).view(1, 1, len(rows), len(cols)), window,
+                         stride, (height, width))
+            for i, s in enumerate(occluded)
+        ]  # fmt: skip
         return Result(torch.cat(maps), targets)
 
     @staticmethod
@@ -106,6 +108,24 @@ class Occlusion(PerturbationMethod):
         count = F.conv_transpose2d(torch.ones_like(grid), kernel, stride=stride)
         count = count[..., : size[0], : size[1]]
         return total / count.clamp(min=1)
+
+
+class _Windows(Scored):
+    """Occlusion for one input (C, H, W): one copy per window position, the window showing the
+    baseline."""
+
+    def __init__(
+        self, x: Tensor, baseline: Tensor, positions: list[tuple[int, int]], window: int
+    ) -> None:
+        self.x, self.baseline, self.positions, self.window = x, baseline, positions, window
+        self.n = len(positions)
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        batch = self.x.repeat(stop - start, 1, 1, 1)
+        for row, (top, left) in enumerate(self.positions[start:stop]):
+            patch = (slice(None), slice(top, top + self.window), slice(left, left + self.window))
+            batch[(row, *patch)] = self.baseline[patch]
+        return batch, None
 
 
 def rise_masks(
@@ -150,12 +170,15 @@ class RISE(PerturbationMethod):
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         return probability_scores(targets, output, unit)
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        positive_int("n_masks", params["n_masks"])
+        positive_int("grid", params["grid"])
+        if not 0 < finite("p", params["p"]) <= 1:
+            raise RequestError(f"p must be in (0, 1], not {params['p']}")
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        n_masks = positive_int("n_masks", self.params["n_masks"])
-        grid = positive_int("grid", self.params["grid"])
-        p = finite("p", self.params["p"])
-        if not 0 < p <= 1:
-            raise RequestError(f"p must be in (0, 1], not {p}")
+        n_masks, grid, p = int(self.params["n_masks"]), int(self.params["grid"]), self.params["p"]
         generator = self.generator()
         with self.engine.task(len(x) * (1 + n_masks)):
             _, targets = self.engine.clean(x, targets, self.score)
@@ -163,7 +186,7 @@ class RISE(PerturbationMethod):
                 targets, lambda i, _: _RiseMasks(x[i : i + 1], n_masks, grid, p, generator),
                 self.score,
             )  # fmt: skip
-        maps = [s.total / (n_masks * p) for s in samplers if isinstance(s, _RiseMasks)]
+        maps = [s.total / (n_masks * p) for s in samplers]
         return Result(torch.cat(maps), targets)
 
 
@@ -182,6 +205,9 @@ class _RiseMasks(Sampler):
 
     def fold(self, start: int, stop: int, scores: Tensor, made: Any) -> None:
         self.total[0, 0] += torch.einsum("n,nhw->hw", scores.to(made), made[:, 0])
+
+
+SEGMENTATIONS = ("slic", "quickshift", "felzenszwalb")
 
 
 def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tensor:
@@ -214,6 +240,18 @@ def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tens
                 f"{labels.dtype} {tuple(labels.shape)}"
             )
     return torch.unique(labels.long(), return_inverse=True)[1]
+
+
+def check_superpixels(params: Mapping[str, Any]) -> None:
+    """Refuse, by name, a bad ``segmentation``, ``n_segments`` or superpixel ``baseline``."""
+    positive_int("n_segments", params["n_segments"])
+    segmentation = params["segmentation"]
+    if isinstance(segmentation, str) and segmentation not in SEGMENTATIONS:
+        raise RequestError(
+            f"unknown segmentation {segmentation!r}; expected {', '.join(SEGMENTATIONS)} or an "
+            "integer label map (H, W)"
+        )
+    check_baseline(params["baseline"], extra=("superpixel",))
 
 
 def superpixel_fill(x: Tensor, onehot: Tensor, baseline: Any) -> Tensor:
@@ -268,41 +306,54 @@ class SurrogateMethod(PerturbationMethod):
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         return scorer(self.params["score"])(targets, output, unit)
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        positive_int("n_samples", params["n_samples"], minimum=3)
+        check_superpixels(params)
+        scorer(params["score"])
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        n_samples = positive_int("n_samples", self.params["n_samples"], minimum=3)
-        scorer(self.params["score"])  # validate before any work
+        n_samples = int(self.params["n_samples"])
         pictures = self.model.to_display(x)
         generator = self.generator()
-        maps, per_input = [], []
         with self.engine.task(len(x) * (1 + n_samples)):
             _, targets = self.engine.clean(x, targets, self.score)
-            for i, target in enumerate(targets):
+
+            def coalitions(i: int, _: Target) -> _Coalitions:
                 segments, onehot, fill = prepare_superpixels(pictures[i], x[i], self.params)
                 samples = self.sample(generator, n_samples, len(onehot)).to(x.device)
+                return _Coalitions(x[i], segments, samples, fill)
 
-                def perturbed(
-                    start: int, stop: int, i: int = i, samples=samples, onehot=onehot, fill=fill
-                ) -> Tensor:
-                    keep = (samples[start:stop].to(x.dtype) @ onehot.flatten(1)).view(
-                        stop - start, 1, *x.shape[-2:]
-                    )
-                    return fill + keep * (x[i] - fill)
-
-                scores = self.engine.scores(n_samples, perturbed, target, self.score)
-                weights, stats = self.fit(samples.to(scores.dtype), scores)
-                maps.append(weights[segments][None, None])
-                order = torch.argsort(weights, descending=True).tolist()
-                per_input.append(
-                    {
-                        "weights": weights.tolist(),
-                        "segments": segments.cpu(),
-                        "samples": samples.cpu(),
-                        "top_positive": [j for j in order if weights[j] > 0][:5],
-                        "top_negative": [j for j in reversed(order) if weights[j] < 0][:5],
-                        **stats,
-                    }
-                )
+            fitted = self.engine.perturb(targets, coalitions, self.score)
+        maps, per_input = [], []
+        for s in fitted:
+            weights, stats = self.fit(s.samples.to(s.scores.dtype), s.scores)
+            maps.append(weights[s.segments][None, None])
+            order = torch.argsort(weights, descending=True).tolist()
+            per_input.append(
+                {
+                    "weights": weights.tolist(),
+                    "segments": s.segments.cpu(),
+                    "samples": s.samples.cpu(),
+                    "top_positive": [j for j in order if weights[j] > 0][:5],
+                    "top_negative": [j for j in reversed(order) if weights[j] < 0][:5],
+                    **stats,
+                }
+            )
         return Result(torch.cat(maps), targets, extras={"superpixels": per_input})
+
+
+class _Coalitions(Scored):
+    """LIME's and KernelSHAP's samples for one input (C, H, W): the superpixels each sample
+    keeps show the image, the others ``fill``."""
+
+    def __init__(self, x: Tensor, segments: Tensor, samples: Tensor, fill: Tensor) -> None:
+        self.x, self.segments, self.samples, self.fill = x, segments, samples, fill
+        self.n = len(samples)
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        keep = self.samples[start:stop][:, self.segments].to(self.x.dtype)  # (k, H, W)
+        return self.fill + keep[:, None] * (self.x - self.fill), None
 
 
 def weighted_ridge(
@@ -315,7 +366,9 @@ def weighted_ridge(
     mean_x = (weights[:, None] * features).sum(0) / total
     mean_y = (weights * targets).sum() / total
     xc, yc = features - mean_x, targets - mean_y
-    gram = xc.T @ (weights[:, None] * xc) + alpha * torch.eye(features.shape[1], dtype=xc.dtype)
+    gram = xc.T @ (weights[:, None] * xc) + alpha * torch.eye(
+        features.shape[1], dtype=xc.dtype, device=xc.device
+    )
     coefficients = torch.linalg.lstsq(gram, xc.T @ (weights * yc)).solution
     intercept = mean_y - mean_x @ coefficients
     residual = targets - features @ coefficients - intercept
@@ -342,6 +395,14 @@ class LIME(SurrogateMethod):
         "kernel_width": 0.25,
         "alpha": 1.0,
     }
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        super().check(params)
+        if finite("kernel_width", params["kernel_width"]) <= 0:
+            raise RequestError(f"kernel_width must be positive, not {params['kernel_width']!r}")
+        if finite("alpha", params["alpha"]) < 0:
+            raise RequestError(f"alpha must be non-negative, not {params['alpha']!r}")
 
     def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:
         samples = torch.rand(n, m, generator=generator) < 0.5

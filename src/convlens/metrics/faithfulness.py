@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from convlens import viz
 from convlens.baselines import make_baseline
 from convlens.checks import RequestError, positive_int
-from convlens.engine import session
+from convlens.engine import Scored, session
 from convlens.explanation import Explanation
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
@@ -127,15 +127,23 @@ def _curves(
         with engine.task(len(inputs) * (k + int(predicted))):
             if predicted:
                 _, targets = engine.clean(inputs, targets, score_of)
-            rows = []
-            for i, target in enumerate(targets):
+            steps = engine.perturb(
+                targets, lambda i, _: _Steps(ranks[i], counts, source[i], destination[i]), score_of
+            )
+    return torch.stack([s.scores for s in steps]).float().cpu(), targets, engine.forwards
 
-                def perturbed(start: int, stop: int, i: int = i) -> Tensor:
-                    shown = ranks[i][None] < counts[start:stop, None, None]
-                    return torch.where(shown[:, None], destination[i], source[i])
 
-                rows.append(engine.scores(k, perturbed, target, score_of))
-    return torch.stack(rows).cpu(), targets, engine.forwards
+class _Steps(Scored):
+    """One input's curve: at step k the pixels ranked below ``counts[k]`` show ``destination``,
+    the others ``source``."""
+
+    def __init__(self, ranks: Tensor, counts: Tensor, source: Tensor, destination: Tensor):
+        self.ranks, self.counts, self.source, self.destination = ranks, counts, source, destination
+        self.n = len(counts)
+
+    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
+        shown = self.ranks[None] < self.counts[start:stop, None, None]
+        return torch.where(shown[:, None], self.destination, self.source), None
 
 
 def _pixel_ranks(heat: Tensor) -> Tensor:

@@ -1,24 +1,40 @@
 """The work behind a report: explain every image with every method, score each map's
 faithfulness (deletion and insertion, Petsiuk et al. 2018), optionally add indirect
-explanations of the predicted classes, and write the pictures. Returns the JSON document that
-``report.page`` turns into ``index.html``."""
+explanations of the predicted classes, and write the pictures, ``results.json`` and
+``index.html``.
+
+The request is checked as a whole before any work (:func:`check_request`). The report is one
+unit: it is written into a fresh folder beside ``out`` and moved to ``out`` in one step at the
+end, replacing the previous report as a whole; an interrupted or failed run removes its folder
+and leaves the previous report as it was.
+"""
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from convlens.checks import RequestError
-from convlens.files import save_picture
+from convlens.checks import RequestError, positive_int
+from convlens.files import (
+    check_output,
+    make_staging_folder,
+    printable,
+    replace_folder,
+    save_picture,
+)
 from convlens.images import ImageError
 from convlens.model import Model
 
-__all__ = ["explain_images", "ranking"]
+__all__ = ["check_methods", "check_report_folder", "check_request", "explain_images", "ranking"]
+
+# the files that make a folder a convlens report, which a new report may replace
+REPORT_FILES = ("index.html", "results.json")
 
 TOP = 5
 
@@ -36,7 +52,11 @@ def ranking(images: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[s
 
     rows = []
     for name in methods:
-        entries = [image["methods"][name] for image in images if name in image["methods"]]
+        entries = [
+            image["methods"][name]
+            for image in images
+            if name in image["methods"] and "refused" not in image["methods"][name]
+        ]
         if not entries:
             continue
 
@@ -60,11 +80,101 @@ def ranking(images: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[s
     return rows
 
 
+def check_methods(
+    model: Model, methods: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
+    """Refuse, before any work, unknown methods, parameters meant for a method that is not
+    selected, and each method's unknown or bad parameters (``resolve_params`` and ``check``)
+    and layers the model does not have."""
+    from convlens.registry import get_method
+
+    if isinstance(methods, str) or not methods:
+        raise RequestError("give at least one method, as a list of names")
+    params = params or {}
+    for name in params:
+        if name not in methods:
+            raise RequestError(f"parameters are given for {name!r}, which is not selected")
+    for name in methods:
+        cls = get_method(name)
+        resolved = cls.resolve_params(dict(params.get(name, {})))
+        cls.check(resolved)
+        layer = resolved.get("layer")
+        for spec in layer if isinstance(layer, (list, tuple)) else [layer]:
+            if isinstance(spec, str):
+                model.layer(spec)
+
+
+def check_target(model: Model, target: Any) -> None:
+    """Refuse, before any work, a target the model cannot have: an unknown label name, a class
+    index out of range (the model's labels tell how many classes it has), an unknown layer."""
+    from convlens.targets import Class, Contrast, check_class, check_target_spec, layer_of
+
+    for item in check_target_spec(target, 1, model.labels):
+        indices = [item.index] if isinstance(item, Class) else []
+        indices += [item.p, item.q] if isinstance(item, Contrast) else []
+        for index in indices:
+            if isinstance(index, int) and model.labels is not None:
+                check_class(index, len(model.labels))
+        layer = layer_of(item)
+        if layer is not None:
+            model.layer(layer)
+
+
+def check_request(
+    model: Model,
+    methods: Sequence[str],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    target: Any = None,
+    batch_size: int | None = None,
+    curve_steps: int = 20,
+    feature_steps: int = 256,
+) -> None:
+    """Refuse a report request that cannot be carried out, before its first forward pass:
+    methods and their parameters (:func:`check_methods`), the target (:func:`check_target`)
+    and the numbers."""
+    check_methods(model, methods, params)
+    check_target(model, target)
+    if batch_size is not None:
+        positive_int("batch_size", batch_size)
+    positive_int("curve_steps", curve_steps, minimum=2)
+    positive_int("feature_steps", feature_steps)
+
+
+def check_report_folder(out: str | Path) -> Path:
+    """The folder a report may be written to, resolved: absent, empty or an earlier report
+    (``index.html`` and ``results.json``, no sub-folders), which the new report replaces as a
+    whole. Refuses a file, any other folder (its files would be lost), the current folder or
+    one holding it, and a place that cannot be written."""
+    out = Path(out)
+    check_output(out, "folder")
+    target = out.resolve()
+    shown = printable(out)
+    if target == Path(target.anchor):
+        raise RequestError(f"--out {shown} is the root folder; give a folder for the report")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise RequestError(
+            f"--out {shown} holds the current folder, which the report would replace; "
+            "give another folder"
+        )
+    if target.is_dir():
+        entries = list(target.iterdir())
+        if entries and not (
+            all((target / name).is_file() for name in REPORT_FILES)
+            and not any(entry.is_dir() for entry in entries)
+        ):
+            raise RequestError(
+                f"--out {shown} is a folder that is not a convlens report; the report replaces "
+                "its folder as a whole, so give a new or empty folder"
+            )
+    return target
+
+
 def explain_images(
     model: Model,
     sources: Sequence[tuple[str, Any]],
     methods: Sequence[str],
-    out: Path,
+    out: str | Path,
     params: dict[str, dict[str, Any]] | None = None,
     target: Any = None,
     batch_size: int | None = None,
@@ -75,20 +185,41 @@ def explain_images(
     progress: bool | None = None,
     log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
-    """Explain ``sources`` (``(name, path or image)`` pairs) with ``methods`` into ``out``.
+    """Explain ``sources`` (``(name, path or image)`` pairs) with ``methods`` into the report
+    folder ``out`` (pictures, ``results.json`` and ``index.html``); returns the document.
 
+    The whole request is checked first (:func:`check_request`, :func:`check_report_folder`).
     An image that cannot be read is reported through ``log``, listed under ``skipped`` and
-    left out; the others go on. One progress bar covers the whole run.
+    left out; a method that refuses one image (a ``RequestError``, such as too few superpixels)
+    is recorded on that image's card and under ``refused``, and the others go on. The report is
+    written into a fresh folder beside ``out`` and replaces ``out`` as a whole at the end; if
+    the run fails or is interrupted, that folder is removed and ``out`` stays as it was. One
+    progress bar covers the whole run.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    from convlens.report.page import write
+
+    params = params or {}
+    check_request(model, methods, params, target, batch_size, curve_steps, feature_steps)
+    folder = check_report_folder(out)
     # per image: the methods, the deletion/insertion curves, at most one features step
     total = len(sources) * (len(methods) + 1 + int(features))
+    staging = make_staging_folder(folder)
     bar = tqdm(total=total, desc="report", unit="step", disable=progress is False, delay=1.0)
     try:
-        return _run(model, sources, methods, out, params or {}, target, batch_size, seed,
-                    curve_steps, features, feature_steps, log, bar)  # fmt: skip
+        document = _run(model, sources, methods, staging, params, target, batch_size, seed,
+                        curve_steps, features, feature_steps, log, bar)  # fmt: skip
+        write(staging, document)
+        replace_folder(staging, folder)
+    except BaseException:  # an error, Ctrl-C, SIGTERM made an exception: the old report stays
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         bar.close()
+    return document
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _run(
@@ -113,13 +244,14 @@ def _run(
     images: list[dict[str, Any]] = []
     inputs: list[torch.Tensor] = []
     skipped: list[dict[str, str]] = []
+    refused: list[dict[str, str]] = []
     started = time.perf_counter()
     for index, (name, source) in enumerate(sources):
         try:
             x = model.inputs(source)
         except (ImageError, OSError, RequestError) as error:  # the image, not a bug: skip it
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            log(f"convlens: skipping {name}: {reason}")
+            reason = _first_line(error)
+            log(f"convlens: skipping {printable(name)}: {printable(reason)}")
             skipped.append({"image": str(name), "reason": reason})
             bar.update(per_image)
             continue
@@ -137,13 +269,21 @@ def _run(
             "methods": {},
         }
         entry |= {k: entry["top5"][0][k] for k in ("class", "label", "probability")}
-        heatmaps, explained = [], []
+        heatmaps, explained, done = [], [], []
         for method in methods:
             bar.set_postfix_str(f"{stem}: {method}")
-            e = explain(
-                model, x, method=method, target=target, batch_size=batch_size, seed=seed,
-                progress=False, **params.get(method, {}),
-            )  # fmt: skip
+            try:
+                e = explain(
+                    model, x, method=method, target=target, batch_size=batch_size, seed=seed,
+                    progress=False, **params.get(method, {}),
+                )  # fmt: skip
+            except RequestError as error:  # the method refuses this image: the others go on
+                reason = _first_line(error)
+                log(f"convlens: {method} refused {printable(name)}: {printable(reason)}")
+                entry["methods"][method] = {"refused": reason}
+                refused.append({"image": str(name), "method": method, "reason": reason})
+                bar.update(1)
+                continue
             file = f"{stem}_{method}.png"
             e.save(out / file)
             summary = e.summary()
@@ -162,22 +302,24 @@ def _run(
             entry["methods"][method] = record
             heatmaps.append(e.heatmap()[0])
             explained.append(e.targets[0])
+            done.append(method)
             bar.update(1)
         bar.set_postfix_str(f"{stem}: deletion/insertion")
-        batch = x.expand(len(methods), *x.shape[1:])
-        maps = torch.stack(heatmaps)
-        classes = explained if all(isinstance(t, int) for t in explained) else None
-        common = {
-            "steps": curve_steps,
-            "batch_size": batch_size,
-            "target": classes,
-            "progress": False,
-        }
-        removed = deletion(model, batch, maps, **common)
-        added = insertion(model, batch, maps, **common)
-        for i, method in enumerate(methods):
-            entry["methods"][method]["deletion"] = float(removed.auc[i])
-            entry["methods"][method]["insertion"] = float(added.auc[i])
+        if done:
+            batch = x.expand(len(done), *x.shape[1:])
+            maps = torch.stack(heatmaps)
+            classes = explained if all(isinstance(t, int) for t in explained) else None
+            common = {
+                "steps": curve_steps,
+                "batch_size": batch_size,
+                "target": classes,
+                "progress": False,
+            }
+            removed = deletion(model, batch, maps, **common)
+            added = insertion(model, batch, maps, **common)
+            for i, method in enumerate(done):
+                entry["methods"][method]["deletion"] = float(removed.auc[i])
+                entry["methods"][method]["insertion"] = float(added.auc[i])
         bar.update(1)
         images.append(entry)
         inputs.append(x)
@@ -187,6 +329,7 @@ def _run(
         "curve_steps": curve_steps,
         "images": images,
         "skipped": skipped,
+        "refused": refused,
         "ranking": ranking(images, methods),
         "features": [],
     }
@@ -222,7 +365,7 @@ def _features(
     entries = []
     classes = list(dict.fromkeys(image["class"] for image in images))
     for c in classes:
-        bar.set_postfix_str(f"features of {model.label(c)}")
+        bar.set_postfix_str(printable(f"features of {model.label(c)}"))
         first = next(i for i, image in enumerate(images) if image["class"] == c)
         contributions = features.channel_contributions(model, x[first : first + 1], c, layer)[0]
         channel = int(contributions.argmax())

@@ -8,7 +8,7 @@ drawing each chunk's random numbers when the chunk is made.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convlens.baselines import make_baseline
-from convlens.checks import RequestError, finite, positive_int
+from convlens.baselines import check_baseline, make_baseline
+from convlens.checks import RequestError, RequestTypeError, finite, positive_int
 from convlens.hooks import Captured, replace_rectifiers
 from convlens.methods.base import Method, Result
 from convlens.registry import register
@@ -150,6 +150,7 @@ class DeepLift(Method):
     """
 
     description = "DeepLIFT rescale rule, or DeepSHAP over a baseline set (Shrikumar et al. 2017)"
+    reads_inside = True
     reduction = "sum"
     defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "shap": False}
     extras: ClassVar[dict[str, str]] = {
@@ -157,9 +158,20 @@ class DeepLift(Method):
         "(averaged over the references with shap=True), to which the attribution sums",
     }
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        if not isinstance(params["shap"], bool):
+            raise RequestTypeError(f"shap must be True or False, not {params['shap']!r}")
+        if params["shap"] and not (
+            isinstance(params["baseline"], Tensor) and params["baseline"].dim() == 4
+        ):
+            raise RequestError(
+                "shap=True needs a reference set as baseline: a tensor (K, C, H, W), not "
+                f"{params['baseline']!r}"
+            )
+        check_baseline(params["baseline"])
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        if not isinstance(self.params["shap"], bool):
-            raise RequestError(f"shap must be True or False, not {self.params['shap']!r}")
         if self.params["shap"]:
             references = _reference_set(self.params["baseline"], x, "shap=True")
         else:
@@ -238,11 +250,15 @@ class GradientShap(Method):
     random = True
     defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "n_samples": 20, "stdev": 0.0}
 
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        positive_int("n_samples", params["n_samples"])
+        if finite("stdev", params["stdev"]) < 0:
+            raise RequestError(f"stdev must be non-negative, not {params['stdev']!r}")
+        check_baseline(params["baseline"])
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
-        n = positive_int("n_samples", self.params["n_samples"])
-        stdev = finite("stdev", self.params["stdev"])
-        if stdev < 0:
-            raise RequestError(f"stdev must be non-negative, not {stdev!r}")
+        n, stdev = int(self.params["n_samples"]), float(self.params["stdev"])
         baseline = self.params["baseline"]
         shared = isinstance(baseline, Tensor) and baseline.dim() == 4
         if shared:  # a distribution of references: each row draws one

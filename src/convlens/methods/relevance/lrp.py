@@ -11,6 +11,7 @@ that applies them in :mod:`.propagation`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -81,8 +82,8 @@ class LRP(Method):
       the same with flat in the first linear layer;
     * ``epsilon``: epsilon everywhere.
 
-    Parameters: ``epsilon`` (> 0, the epsilon rule's and every rule's stabiliser; zennit's
-    default 1e-6), ``gamma`` (>= 0; zennit's default 0.25), ``bias``: whether z+ and
+    Parameters: ``epsilon`` (> 0, the epsilon rule's, in dense layers; zennit's default 1e-6;
+    every other rule, pooling and sums are stabilised by a fixed 1e-6, as in zennit), ``gamma`` (>= 0; zennit's default 0.25), ``bias``: whether z+ and
     alpha-beta count biases. ``bias=False`` (default): z+ shares only the positive
     contributions w+ x (Montavon et al. 2017's z+ rule), alpha-beta only the contributions;
     ``bias=True``: the positive part of the bias joins the positive denominator and the
@@ -92,12 +93,13 @@ class LRP(Method):
     z^B (default: the model's pixel range, 0 and 1 normalised; for a model without
     normalisation, the smallest and largest value of the whole batch).
 
-    Each chunk of at most ``batch_size`` images is one forward and one backward pass;
-    inputs never interact, so results do not depend on ``batch_size``. ``resolved["rules"]``
+    Each chunk of at most ``batch_size`` images is one forward and one backward pass; the
+    bounds are computed once for the whole batch, so results do not depend on ``batch_size``. ``resolved["rules"]``
     records the rule each layer got, ``resolved["bounds"]`` the z^B bounds used.
     """
 
     description = "layer-wise relevance propagation with rule composites (Bach et al. 2015)"
+    reads_inside = True
     reduction = "sum"
     defaults: ClassVar[dict[str, Any]] = {
         "composite": DEFAULT_COMPOSITE,
@@ -115,25 +117,36 @@ class LRP(Method):
         "= logit wherever every operation has a rule (LRP warns where it misses by over 1%)",
     }
 
-    def settings(self, x: Tensor) -> tuple[Composite, Settings]:
-        """The composite and the rules' parameters, checked before any work."""
-        chosen = composite(self.params["composite"])
-        epsilon = finite("epsilon", self.params["epsilon"])
-        if epsilon <= 0:
+    @classmethod
+    def check(cls, params: Mapping[str, Any]) -> None:
+        composite(params["composite"])
+        if finite("epsilon", params["epsilon"]) <= 0:
             raise RequestError(
-                f"epsilon must be positive (it stabilises every division), not {epsilon!r}"
+                f"epsilon must be positive (it stabilises every division), not "
+                f"{params['epsilon']!r}"
             )
-        gamma = finite("gamma", self.params["gamma"])
-        if gamma < 0:
-            raise RequestError(f"gamma must be non-negative, not {gamma!r}")
-        bias = self.params["bias"]
-        if not isinstance(bias, bool):
-            raise RequestTypeError(f"bias must be True or False, not {bias!r}")
-        low = _bound("low", self.params["low"])
-        high = _bound("high", self.params["high"])
+        if finite("gamma", params["gamma"]) < 0:
+            raise RequestError(f"gamma must be non-negative, not {params['gamma']!r}")
+        if not isinstance(params["bias"], bool):
+            raise RequestTypeError(f"bias must be True or False, not {params['bias']!r}")
+        _bound("low", params["low"])
+        _bound("high", params["high"])
+
+    def settings(self, x: Tensor) -> tuple[Composite, Settings]:
+        """The composite and the rules' parameters (checked by :meth:`check`)."""
+        params = self.params
+        chosen = composite(params["composite"])
+        low, high = params["low"], params["high"]
         if chosen.uses(ZBox):
             low, high = self._bounds(x, low, high)
-        return chosen, Settings(epsilon, gamma, bias, low, high)
+        settings = Settings(
+            epsilon=float(params["epsilon"]),
+            gamma=float(params["gamma"]),
+            bias=params["bias"],
+            low=low,
+            high=high,
+        )
+        return chosen, settings
 
     def _bounds(self, x: Tensor, low: Any, high: Any) -> tuple[Any, Any]:
         mean, std = self.model.mean, self.model.std
@@ -150,7 +163,7 @@ class LRP(Method):
         with self.engine.task(len(x)):
             for start, stop in self.engine.chunks(len(x)):
                 ledger, chooser = Ledger(), chosen.chooser(settings)
-                with lrp_context(self.model.module, chooser, ledger, settings.epsilon):
+                with lrp_context(self.model.module, chooser, ledger, settings.stabilizer):
                     step = self.engine.evaluate(x[start:stop], targets[start:stop], grad=True)
                     scores = step.scores
                     (relevance,) = torch.autograd.grad(scores, step.inputs, scores.detach())

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from convlens.checks import RequestError
 from convlens.hooks import override_rectifiers
 
 from .maps import LINEAR, LinearMap, Merge, affine_map, bind, fold, per_row, stabilise
@@ -347,7 +348,7 @@ def lrp_context(
             layers.pop(id(layer.weight), None)
         ran[layer] = ran.get(layer, 0) + 1
         if mode.handled.get(layer, 0) < ran[layer]:
-            raise RuntimeError(
+            raise RequestError(
                 f"LRP cannot apply its rule to layer {names[layer]!r} "
                 f"({type(layer).__name__}): its forward did not call F.conv2d / F.linear with "
                 "the layer's weight"

@@ -71,9 +71,14 @@ def share(
 
 @dataclass(frozen=True)
 class Settings:
-    """LRP's parameters, from which a composite makes its rules (:meth:`Rule.of`)."""
+    """LRP's parameters, from which a composite makes its rules (:meth:`Rule.of`).
+
+    ``epsilon`` is the epsilon rule's own parameter; every other rule, pooling and sums are
+    stabilised by ``stabilizer`` (1e-6), as in zennit, where a composite's ``epsilon`` reaches
+    only its Epsilon rule."""
 
     epsilon: float = 1e-6
+    stabilizer: float = 1e-6
     gamma: float = 0.25
     bias: bool = False
     low: Any = None
@@ -176,7 +181,7 @@ class ZPlus(Rule):
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(settings.epsilon, bias=settings.bias)
+        return cls(settings.stabilizer, bias=settings.bias)
 
     def describe(self) -> str:
         return "zplus" + ("_bias" if self.bias else "")
@@ -207,7 +212,7 @@ class AlphaBeta(Rule):
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(settings.epsilon, alpha=2.0, beta=1.0, bias=settings.bias)
+        return cls(settings.stabilizer, alpha=2.0, beta=1.0, bias=settings.bias)
 
     def describe(self) -> str:
         return f"alpha{self.alpha:g}_beta{self.beta:g}" + ("_bias" if self.bias else "")
@@ -239,7 +244,7 @@ class Gamma(Rule):
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(settings.epsilon, gamma=settings.gamma)
+        return cls(settings.stabilizer, gamma=settings.gamma)
 
     def describe(self) -> str:
         return f"gamma{self.gamma:g}"
@@ -274,7 +279,7 @@ class ZBox(Rule):
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(settings.epsilon, low=settings.low, high=settings.high)
+        return cls(settings.stabilizer, low=settings.low, high=settings.high)
 
     def apply(
         self, layer: LinearMap, x: Tensor, relevance: Tensor, weight: Tensor, bias: Tensor | None
@@ -293,7 +298,7 @@ class Flat(Rule):
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(settings.epsilon)
+        return cls(settings.stabilizer)
 
     def apply(
         self, layer: LinearMap, x: Tensor, relevance: Tensor, weight: Tensor, bias: Tensor | None
