@@ -82,20 +82,22 @@ class LRP(Method):
       the same with flat in the first linear layer;
     * ``epsilon``: epsilon everywhere.
 
-    Parameters: ``epsilon`` (> 0, the epsilon rule's, in dense layers; zennit's default 1e-6;
-    every other rule, pooling and sums are stabilised by a fixed 1e-6, as in zennit), ``gamma`` (>= 0; zennit's default 0.25), ``bias``: whether z+ and
-    alpha-beta count biases. ``bias=False`` (default): z+ shares only the positive
-    contributions w+ x (Montavon et al. 2017's z+ rule), alpha-beta only the contributions;
-    ``bias=True``: the positive part of the bias joins the positive denominator and the
-    negative part the negative one, as zennit's rules do (their parameter modifiers clamp the
-    bias with the weight), so that the composites equal zennit's. Epsilon and gamma always
-    count the bias, z^B and flat never (as in zennit). ``low``/``high`` bound the input for
-    z^B (default: the model's pixel range, 0 and 1 normalised; for a model without
-    normalisation, the smallest and largest value of the whole batch).
+    Parameters: ``epsilon`` (> 0) is the epsilon rule's, in dense layers (zennit's default
+    1e-6); every other rule, pooling and sums are stabilised by a fixed 1e-6, as in zennit.
+    ``gamma`` (>= 0; zennit's default 0.25). ``bias``: whether z+ and alpha-beta count biases.
+    ``bias=False`` (default): z+ shares only the positive contributions w+ x (Montavon et al.
+    2017's z+ rule), alpha-beta only the contributions; ``bias=True``: the positive part of the
+    bias joins the positive denominator and the negative part the negative one, as zennit's
+    rules do (their parameter modifiers clamp the bias with the weight), so that the
+    composites equal zennit's. Epsilon and gamma always count the bias, z^B and flat never
+    (as in zennit). ``low``/``high`` bound the input for z^B (default: the model's pixel
+    range, 0 and 1 normalised; for a model without normalisation, the smallest and largest
+    value of the whole batch).
 
     Each chunk of at most ``batch_size`` images is one forward and one backward pass; the
-    bounds are computed once for the whole batch, so results do not depend on ``batch_size``. ``resolved["rules"]``
-    records the rule each layer got, ``resolved["bounds"]`` the z^B bounds used.
+    bounds are computed once for the whole batch, so results do not depend on ``batch_size``.
+    ``resolved["rules"]`` records the rule each layer got, ``resolved["bounds"]`` the z^B
+    bounds used.
     """
 
     description = "layer-wise relevance propagation with rule composites (Bach et al. 2015)"
