@@ -259,3 +259,84 @@ def test_anchors_stay_within_their_sample_budget():
     (found,) = e.extras["anchor"]
     assert found["samples"] <= 40 and not found["found"]
     assert e.forwards == probed + 1 + found["samples"]
+
+
+# -- superpixels -------------------------------------------------------------------------------
+
+
+def picture(size: int, kind: str) -> np.ndarray:
+    rng = np.random.default_rng(size)
+    if kind == "flat":
+        return np.full((size, size, 3), 128, np.uint8)
+    if kind == "noisy":
+        return rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[: size // 2] = 200
+    image[:, : size // 3, 1] = 90
+    return image
+
+
+@pytest.mark.parametrize("kind", ["plain", "noisy", "flat"])
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_slic_delivers_about_the_superpixels_asked_for(size, kind):
+    from convlens.methods.perturbation import segment
+
+    labels, info = segment(picture(size, kind), "slic", 50)
+    count = int(labels.max()) + 1
+    assert count == info["count"] and 25 <= count <= 75, info
+    assert info["method"] in ("slic", "grid")
+    assert torch.equal(torch.unique(labels), torch.arange(count))
+
+
+def test_lime_and_kernel_shap_on_noise_have_superpixels_and_say_which():
+    model = tiny(head="gap")
+    noise = picture(64, "noisy")
+    x = torch.from_numpy(noise).permute(2, 0, 1)[None].float() / 255
+    for method in ("lime", "kernel_shap"):
+        e = cl.explain(model, x, method, target=1, n_samples=40)
+        (info,) = e.extras["superpixels"]
+        assert info["segmentation"]["count"] >= 25, info["segmentation"]
+
+
+def test_lime_points_at_the_object_more_often_than_the_centre_on_held_out_shapes():
+    from convlens import metrics
+    from convlens.metrics.benchmark import model_inputs
+
+    model = cl.load_model("shapes-cnn")
+    data = cl.datasets.shapes(16, seed=2000)  # not the images the shapes CNN was trained on
+    x = model_inputs(model, data)
+    tolerance = 15 * 64 / 224
+    e = cl.explain(model, x, "lime", target=data.labels.tolist(), n_samples=300)
+    lime = metrics.pointing_game(e, data.boxes, tolerance).float().mean()
+    centre = torch.zeros(len(x), 64, 64)
+    centre[:, 32, 32] = 1
+    baseline = metrics.pointing_game(centre, data.boxes, tolerance).float().mean()
+    assert lime > baseline + 0.2, (float(lime), float(baseline))
+
+
+class Saturated(nn.Module):
+    """Predicts class 0 with probability 1 whatever the input (a saturated prediction)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.conv(x).mean(dim=(2, 3))
+        return torch.tensor([50.0, -50.0]) + 0 * features
+
+
+def test_a_saturated_prediction_is_said_not_shown_as_a_blank_map(tmp_path):
+    from convlens import report
+
+    model = cl.wrap(Saturated().eval(), input_size=(16, 16), labels=["a", "b"])
+    x = torch.rand(1, 3, 16, 16)
+    e = cl.explain(model, x, "meaningful_perturbation", steps=5, mask_size=4)
+    assert e.extras["saturated"] == [True]
+    assert e.attribution.abs().max() == 0  # what would have been shown as the evidence
+    image = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+    params = {"meaningful_perturbation": {"steps": 5, "mask_size": 4}}
+    report.explain_images(model, [("photo", image)], ["meaningful_perturbation"], tmp_path / "r",
+                          params=params, curve_steps=4, progress=False)  # fmt: skip
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "no explanation: the prediction did not move under any mask" in page

@@ -138,12 +138,12 @@ class Model:
             if not images:
                 raise RequestError("no images given")
             return torch.cat([self.preprocess(image) for image in images])
-        picture = to_rgb(images)
+        height, width = self.input_size  # decode no larger than needed (JPEG draft, reduce)
+        picture = to_rgb(images, size=(height / self.crop, width / self.crop))
         if self.channels == 1:  # a grayscale model: one channel, as its one mean and std say
             picture = picture.convert("L")
         array = np.asarray(picture, dtype=np.float32).copy()
         x = torch.from_numpy(array).view(*array.shape[:2], -1).permute(2, 0, 1)[None] / 255.0
-        height, width = self.input_size
         scale = max(height / x.shape[-2], width / x.shape[-1]) / self.crop
         size = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
         antialias = size[0] < x.shape[-2]

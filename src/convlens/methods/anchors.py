@@ -87,7 +87,8 @@ class Anchors(PerturbationMethod):
     }
     extras: ClassVar[dict[str, str]] = {
         "anchor": "per input: the anchor's superpixels, its precision and coverage, found "
-        "(whether the threshold was reached), the samples used and the segments (H, W)",
+        "(whether the threshold was reached), the samples used, the segments (H, W) and the "
+        "segmentation used (method, settings, count)",
     }
 
     @classmethod
@@ -127,7 +128,7 @@ class Anchors(PerturbationMethod):
             _, targets = self.engine.clean(x, targets)
             for i, target in enumerate(targets):
                 assert isinstance(target, Class), "check_targets lets only classes through"
-                segments, onehot, fill = prepare_superpixels(pictures[i], x[i], params)
+                segments, onehot, fill, info = prepare_superpixels(pictures[i], x[i], params)
                 m = len(onehot)
                 search = _Search(self, x[i], fill, onehot, target, generator, batch, budget)
                 anchor, precision, reached = search.run(m)
@@ -143,6 +144,7 @@ class Anchors(PerturbationMethod):
                         "coverage": 0.5 ** len(anchor),
                         "samples": search.used,
                         "segments": segments.cpu(),
+                        "segmentation": info,
                     }
                 )
         return Result(torch.cat(maps), targets, extras={"anchor": found})

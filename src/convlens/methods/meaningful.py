@@ -62,6 +62,11 @@ class MeaningfulPerturbation(PerturbationMethod):
         "baseline": "zero",
         "area": None,
     }
+    extras: ClassVar[dict[str, str]] = {
+        "saturated": "per input: True where the map is uniform (all evidence or none): no mask "
+        "moved the class probability, as for a prediction saturated at 0 or 1; the map is then "
+        "no explanation",
+    }
 
     def _reference(self, x: Tensor, generator: torch.Generator) -> Tensor:
         kind = self.params["perturbation"]
@@ -143,4 +148,9 @@ class MeaningfulPerturbation(PerturbationMethod):
         resolved: dict[str, Any] = {"game": game}
         if params["perturbation"] == "noise":
             resolved["seed"] = self.seed  # only the noise perturbation draws
-        return Result(torch.cat(maps), targets, resolved)
+        attribution = torch.cat(maps)
+        # a uniform map is no explanation: the score did not move under any mask (a saturated
+        # prediction), so say so instead of showing a blank map as the evidence
+        span = attribution.amax(dim=(1, 2, 3)) - attribution.amin(dim=(1, 2, 3))
+        extras = {"saturated": (span < 1e-3).tolist()}
+        return Result(attribution, targets, resolved, extras)

@@ -35,6 +35,7 @@ __all__ = [
     "check_superpixels",
     "prepare_superpixels",
     "rise_masks",
+    "segment",
     "superpixel_fill",
     "superpixels",
     "weighted_ridge",
@@ -211,17 +212,38 @@ SEGMENTATIONS = ("slic", "quickshift", "felzenszwalb")
 
 
 def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tensor:
-    """Superpixel labels (H, W), numbered 0..M-1, of an RGB picture (H, W, 3) uint8.
+    """Superpixel labels (H, W), numbered 0..M-1, of an RGB picture (H, W, 3) uint8: see
+    :func:`segment`."""
+    return segment(picture, segmentation, n_segments)[0]
+
+
+def segment(
+    picture: np.ndarray, segmentation: Any, n_segments: int
+) -> tuple[Tensor, dict[str, Any]]:
+    """Superpixel labels (H, W), numbered 0..M-1, and how they were made.
 
     ``segmentation`` is ``"slic"``, ``"quickshift"`` or ``"felzenszwalb"`` (scikit-image, with
-    LIME's settings for quickshift), or an integer label map of shape (H, W).
+    LIME's settings for quickshift), or an integer label map of shape (H, W). SLIC starts with
+    LIME's compactness 10; where that collapses (noise or small images can give a single
+    superpixel), it is retried with compactness 100, which weighs position over colour, and
+    where that still gives fewer than half of ``n_segments``, a regular grid of about
+    ``n_segments`` cells is used. The record says which, with what and how many.
     """
     from skimage import segmentation as skseg
 
     height, width = picture.shape[:2]
+    info: dict[str, Any] = {"method": segmentation if isinstance(segmentation, str) else "given"}
     if isinstance(segmentation, str):
         if segmentation == "slic":
-            labels = skseg.slic(picture, n_segments=n_segments, compactness=10, start_label=0)
+            for compactness in (10, 100):
+                labels = skseg.slic(
+                    picture, n_segments=n_segments, compactness=compactness, start_label=0
+                )
+                info["compactness"] = compactness
+                if len(np.unique(labels)) >= n_segments / 2:
+                    break
+            else:
+                labels, info = _grid(height, width, n_segments), {"method": "grid"}
         elif segmentation == "quickshift":
             labels = skseg.quickshift(picture, kernel_size=4, max_dist=200, ratio=0.2)
         elif segmentation == "felzenszwalb":
@@ -239,7 +261,18 @@ def superpixels(picture: np.ndarray, segmentation: Any, n_segments: int) -> Tens
                 f"a segmentation map must be integers of shape {(height, width)}, not "
                 f"{labels.dtype} {tuple(labels.shape)}"
             )
-    return torch.unique(labels.long(), return_inverse=True)[1]
+    labels = torch.unique(labels.long(), return_inverse=True)[1]
+    info["count"] = int(labels.max()) + 1
+    return labels, info
+
+
+def _grid(height: int, width: int, n: int) -> np.ndarray:
+    """A regular grid of about ``n`` cells (rows x columns in the picture's proportions)."""
+    rows = max(1, min(height, round((n * height / width) ** 0.5)))
+    cols = max(1, min(width, round(n / rows)))
+    row = np.arange(height)[:, None] * rows // height
+    col = np.arange(width)[None, :] * cols // width
+    return row * cols + col
 
 
 def check_superpixels(params: Mapping[str, Any]) -> None:
@@ -265,13 +298,15 @@ def superpixel_fill(x: Tensor, onehot: Tensor, baseline: Any) -> Tensor:
 
 
 def prepare_superpixels(
-    picture: np.ndarray, x: Tensor, params: dict[str, Any]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """For one input: its superpixel labels (H, W), their one-hot masks (m, H, W) and what
-    hidden superpixels show (C, H, W), from ``segmentation``, ``n_segments`` and ``baseline``."""
-    segments = superpixels(picture, params["segmentation"], params["n_segments"]).to(x.device)
+    picture: np.ndarray, x: Tensor, params: Mapping[str, Any]
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+    """For one input: its superpixel labels (H, W), their one-hot masks (m, H, W), what
+    hidden superpixels show (C, H, W), and how the superpixels were made (:func:`segment`),
+    from ``segmentation``, ``n_segments`` and ``baseline``."""
+    segments, info = segment(picture, params["segmentation"], params["n_segments"])
+    segments = segments.to(x.device)
     onehot = F.one_hot(segments, int(segments.max()) + 1).permute(2, 0, 1).to(x.dtype)
-    return segments, onehot, superpixel_fill(x, onehot, params["baseline"])
+    return segments, onehot, superpixel_fill(x, onehot, params["baseline"]), info
 
 
 class SurrogateMethod(PerturbationMethod):
@@ -291,8 +326,9 @@ class SurrogateMethod(PerturbationMethod):
     }
     extras: ClassVar[dict[str, str]] = {
         "superpixels": "per input: the superpixel weights, segments (H, W), samples (n, m), the "
-        "top 5 positive and negative superpixels, and the fit (LIME: intercept and weighted R²; "
-        "KernelSHAP: base value and prediction)",
+        "top 5 positive and negative superpixels, the segmentation used (method, settings, "
+        "count) and the fit (LIME: intercept and weighted R²; KernelSHAP: base value and "
+        "prediction)",
     }
 
     @abstractmethod
@@ -320,9 +356,9 @@ class SurrogateMethod(PerturbationMethod):
             _, targets = self.engine.clean(x, targets, self.score)
 
             def coalitions(i: int, _: Target) -> _Coalitions:
-                segments, onehot, fill = prepare_superpixels(pictures[i], x[i], self.params)
+                segments, onehot, fill, info = prepare_superpixels(pictures[i], x[i], self.params)
                 samples = self.sample(generator, n_samples, len(onehot)).to(x.device)
-                return _Coalitions(x[i], segments, samples, fill)
+                return _Coalitions(x[i], segments, samples, fill, info)
 
             fitted = self.engine.perturb(targets, coalitions, self.score)
         maps, per_input = [], []
@@ -337,6 +373,7 @@ class SurrogateMethod(PerturbationMethod):
                     "samples": s.samples.cpu(),
                     "top_positive": [j for j in order if weights[j] > 0][:5],
                     "top_negative": [j for j in reversed(order) if weights[j] < 0][:5],
+                    "segmentation": s.info,
                     **stats,
                 }
             )
@@ -347,9 +384,11 @@ class _Coalitions(Scored):
     """LIME's and KernelSHAP's samples for one input (C, H, W): the superpixels each sample
     keeps show the image, the others ``fill``."""
 
-    def __init__(self, x: Tensor, segments: Tensor, samples: Tensor, fill: Tensor) -> None:
+    def __init__(
+        self, x: Tensor, segments: Tensor, samples: Tensor, fill: Tensor, info: dict[str, Any]
+    ) -> None:
         self.x, self.segments, self.samples, self.fill = x, segments, samples, fill
-        self.n = len(samples)
+        self.n, self.info = len(samples), info
 
     def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
         keep = self.samples[start:stop][:, self.segments].to(self.x.dtype)  # (k, H, W)

@@ -296,6 +296,10 @@ def _run(
                 "params": summary["params"],
                 "extras": summary["extras"],
             }
+            if any(e.extras.get("saturated", [])):
+                record["note"] = (
+                    "no explanation: the prediction did not move under any mask (saturated)"
+                )
             if "superpixels" in e.extras or "anchor" in e.extras:
                 record["superpixels"] = f"{stem}_{method}_superpixels.png"
                 save_picture(e.superpixels(), out / record["superpixels"])
