@@ -106,10 +106,11 @@ def test_cam_is_the_classifier_weights_on_the_features(x):
     w = model.fc.weight.detach()
     expected = up(torch.einsum("bkhw,bk->bhw", a, w[TARGETS]))
     close(explain(model, "cam", x, layer="act2").attribution, expected)
-    # the default layer of a bare module is the last convolution, conv2, before its ReLU:
-    # the head does not pool it, and CAM says so rather than draw a wrong picture
-    with pytest.raises(ValueError, match="does not read that pooling"):
-        explain(model, "cam", x)
+    # the default layer is the last feature map the head reads, act2 (after the ReLU, which
+    # is what the global average pooling reads): cam needs no argument
+    default = explain(model, "cam", x)
+    assert default.layer == "act2"
+    close(default.attribution, expected)
 
 
 def test_cam_refuses_networks_without_a_gap_linear_head(x):
@@ -307,7 +308,7 @@ def test_channel_target_gradients_are_those_of_the_unit(x):
     close(ours.attribution, expected)
 
 
-def test_default_layer_of_a_bare_module_is_the_last_spatial_convolution(x):
+def test_default_layer_is_the_last_feature_map_the_classifier_reads(x):
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
         nn.ReLU(),
@@ -318,7 +319,26 @@ def test_default_layer_of_a_bare_module_is_the_last_spatial_convolution(x):
         nn.Flatten(),
     ).eval()
     e = cl.explain(model, x, "gradcam", target=1)
-    assert e.layer == "2"  # not "5", whose output is 1x1
+    assert e.layer == "3"  # the ReLU the pooling reads; not "5", whose output is 1x1
+
+
+class Stage(nn.Sequential):
+    """Two convolution blocks, as a ResNet stage holds them."""
+
+
+def test_default_layer_is_taken_at_the_outermost_module_that_returns_it(x):
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())  # noqa: E731
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3, padding=1))
+    model.add_module("layer4", Stage(block(), block()))
+    model.add_module("avgpool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flatten", nn.Flatten())
+    model.add_module("fc", nn.Linear(4, 5))
+    model.eval()
+    for method in ("gradcam", "cam", "scorecam"):
+        e = cl.explain(model, x, method, target=1)
+        assert e.layer == "layer4", (method, e.layer)  # not layer4.1.1, the same tensor
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from test_lifecycle import FAST
 from torch import nn
 
 import convlens as cl
-from convlens import metrics
+from convlens import features, metrics
 from convlens.checks import RequestError
 from convlens.targets import Channel, Neuron
 
@@ -292,4 +292,23 @@ def test_params_are_what_was_asked_and_extras_are_documented(method):
     assert set(e.extras) <= set(cls.extras), set(e.extras) - set(cls.extras)
     assert e.resolved["layout"] in ("channels_last", "contiguous")
     if cls.family == "cam":
-        assert e.layer == e.resolved["layer"] == asked.get("layer", "conv2")  # last conv
+        assert e.layer == e.resolved["layer"] == asked.get("layer", "act2")  # the map GAP reads
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_metrics_and_features_take_models_with_tuple_or_dict_outputs(kind):
+    x = tiny_input(2)
+    model = Outputs(kind).eval()
+    plain = model.net
+    heat = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="convlens explains output"):
+        curve = metrics.deletion(model, x, heat, target=1, steps=4)
+    close(curve.scores, metrics.deletion(plain, x, heat, target=1, steps=4).scores)
+    close(
+        features.channel_contributions(model, x, 1, "net.act2"),
+        features.channel_contributions(plain, x, 1, "act2"),
+    )
+    wrapped = cl.wrap(model, input_size=(8, 8))
+    picture = features.class_model(wrapped, 1, steps=3, size=(8, 8))
+    assert torch.isfinite(picture.data["image"]).all()
+    assert features.activations(model, x[:1], "net.act2").data["activations"].shape == (8, 4, 4)

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -281,6 +281,25 @@ class _Made(Scored):
 
 S = TypeVar("S", bound=Sampler)
 
+
+class Call(NamedTuple):
+    """One module call the probe saw: the module, its output's shape and data pointer."""
+
+    module: nn.Module
+    shape: torch.Size | None
+    pointer: int
+
+
+# layers whose output is not a feature map of their own (what a classifier pools or drops)
+_NOT_FEATURES = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Flatten,
+)
+
 # Per model: what the probe found for an input geometry (the layout and the layers called), and
 # whether the model's output was announced.
 _PROBES: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
@@ -309,8 +328,8 @@ class Engine:
         self.description = description
         self.forwards = 0
         self.layout = "contiguous"
-        # the modules one forward pass calls, in order, with their output shapes (the probe's)
-        self.calls: list[tuple[nn.Module, torch.Size | None]] = []
+        # the modules one forward pass calls, in the order they return (the probe's)
+        self.calls: list[Call] = []
         self.output = ""  # where the logits were found in the output ("" for a tensor)
         self.device, self.dtype = placement(model.module)
         self._bar: tqdm | None = None
@@ -374,12 +393,15 @@ class Engine:
             known[key] = self._probe(x[:1].detach().to(device=self.device, dtype=self.dtype))
         self.layout, self.calls = known[key]
 
-    def _probe(self, image: Tensor) -> tuple[str, list[tuple[nn.Module, torch.Size | None]]]:
+    def _probe(self, image: Tensor) -> tuple[str, list[Call]]:
         module = self.model.module
-        calls: list[tuple[nn.Module, torch.Size | None]] = []
+        calls: list[Call] = []
 
         def record(layer: nn.Module, _args: Any, out: Any) -> None:
-            calls.append((layer, out.shape if isinstance(out, Tensor) else None))
+            tensor = isinstance(out, Tensor)
+            calls.append(
+                Call(layer, out.shape if tensor else None, out.data_ptr() if tensor else 0)
+            )
 
         # TorchScript code hides its calls (and refuses hooks): no layers are known there
         handles = (
@@ -409,6 +431,28 @@ class Engine:
         if not same:
             log.info("%s runs contiguous: channels-last raised or differed", type(module).__name__)
         return ("channels_last" if same else "contiguous"), calls
+
+    def feature_map(self) -> nn.Module | None:
+        """The last spatial feature map the classifier reads, at the outermost module that
+        returns it (ResNet ``layer4``, VGG ``features``, Inception ``Mixed_7c``, Xception's final
+        activation), from the probe: the last module whose output is (B, C, h, w) with
+        h·w > 1, leaving out pooling and dropout layers; of the modules returning that very
+        tensor, the one nearest the root. None where the probe saw no such map."""
+        names = {id(m): name for name, m in self.model.module.named_modules() if name}
+        maps = [
+            call
+            for call in self.calls
+            if id(call.module) in names
+            and not isinstance(call.module, _NOT_FEATURES)
+            and call.shape is not None
+            and len(call.shape) == 4
+            and call.shape[-1] * call.shape[-2] > 1
+        ]
+        if not maps:
+            return None
+        last = maps[-1]
+        same = [c.module for c in maps if (c.shape, c.pointer) == (last.shape, last.pointer)]
+        return min(same, key=lambda m: names[id(m)].count("."))
 
     def forward(self, x: Tensor, grad: bool = False) -> Tensor:
         """The logits for one batch (float32, or float64 for a float64 model), counted; with

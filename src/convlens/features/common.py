@@ -42,18 +42,30 @@ class Features:
         save_picture(self.image, path)
 
 
-def resolve_layer(model: Model, layer: str | nn.Module | None, default: str = "conv") -> str:
-    """A layer name: the given one (checked), else the model's CAM layer or its last Conv2d
-    (``default="conv"``), or its first Conv2d (``default="first"``)."""
+def resolve_layer(
+    model: Model, layer: str | nn.Module | None, x: Tensor | None = None, default: str = "map"
+) -> str:
+    """A layer name: the given one (checked); else the model's CAM layer, or the last spatial
+    feature map its classifier reads, at the outermost module returning it (as the CAM family
+    chooses, from a probe of ``x``; ``default="map"``), or its first Conv2d
+    (``default="first"``)."""
     if layer is not None:
         module = model.layer(layer)
         return layer if isinstance(layer, str) else model.layer_name(module)
-    convs = [n for n, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise RequestError("the model has no nn.Conv2d layer; give layer=...")
     if default == "first":
+        convs = [n for n, m in model.module.named_modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise RequestError("the model has no nn.Conv2d layer; give layer=...")
         return convs[0]
-    return model.cam_layer if isinstance(model.cam_layer, str) else convs[-1]
+    if isinstance(model.cam_layer, str):
+        return model.cam_layer
+    if x is None:
+        raise RequestError("give layer=...: without inputs the feature map cannot be found")
+    with session(model, x[:1], progress=False) as engine:
+        found = engine.feature_map()
+    if found is None:
+        raise RequestError("no layer of the model outputs a spatial feature map; give layer=...")
+    return model.layer_name(found)
 
 
 def layer_outputs(

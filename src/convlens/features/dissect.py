@@ -92,7 +92,7 @@ def dissect(
     masks = torch.stack([checked[n] for n in names], dim=1)
     if not 0 < quantile < 1:
         raise RequestError(f"quantile must be in (0, 1), not {quantile}")
-    name = resolve_layer(wrapped, layer)
+    name = resolve_layer(wrapped, layer, x)
     maps = layer_outputs(wrapped, x, name, batch_size)
     if maps.dim() != 4:
         raise RequestError(f"layer {name!r} gives {tuple(maps.shape)}, not (N, K, h, w) maps")

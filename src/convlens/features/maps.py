@@ -68,7 +68,7 @@ def activations(
     first. ``data["activations"]`` is (C, h, w); ``data["order"]`` the channels as drawn."""
     wrapped = as_model(model)
     x = wrapped.inputs(image)[:1]
-    name = resolve_layer(wrapped, layer)
+    name = resolve_layer(wrapped, layer, x)
     maps = layer_outputs(wrapped, x, name)[0]
     if maps.dim() != 3:
         raise RequestError(f"layer {name!r} gives {tuple(maps.shape)}, not (C, h, w) feature maps")
@@ -88,8 +88,8 @@ def channel_contributions(
     global average pooling and a linear layer this is exactly w_kc * GAP(A_k), the class score
     split by channel (Zhou et al. 2016); otherwise its first-order (Taylor) estimate."""
     wrapped = as_model(model)
-    module = wrapped.layer(resolve_layer(wrapped, layer))
     inputs = wrapped.inputs(x)
+    module = wrapped.layer(resolve_layer(wrapped, layer, inputs))
     targets = check_target_spec(target, len(inputs), wrapped.labels)
     parts = []
     with session(wrapped, inputs, progress=False) as engine:

@@ -142,7 +142,7 @@ def top_patches(
     """
     wrapped = as_model(model)
     x = wrapped.inputs(images)
-    name = resolve_layer(wrapped, layer)
+    name = resolve_layer(wrapped, layer, x)
 
     def strongest(out: Tensor) -> Tensor:  # per image: (value, y, x) of the channel's maximum
         if out.dim() != 4:

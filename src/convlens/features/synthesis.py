@@ -220,7 +220,7 @@ def deep_dream(
     """
     wrapped = as_model(model)
     x = wrapped.inputs(image)[:1]
-    name = resolve_layer(wrapped, layer)
+    name = resolve_layer(wrapped, layer, x)
     module = wrapped.layer(name)
     mean, std = _normaliser(wrapped)
     low, high = ((0 - mean) / std).to(x), ((1 - mean) / std).to(x)

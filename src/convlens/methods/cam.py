@@ -115,24 +115,19 @@ class CAMMethod(Method):
     # -- the layer ----------------------------------------------------------------------------
     def _layers(self) -> dict[int, nn.Module]:
         """The modules to explain: the given ones, ``Model.cam_layer``, or else the last
-        convolution whose output is still spatial in the engine's probe of the model."""
+        spatial feature map the classifier reads, at the outermost module that returns it
+        (``Engine.feature_map``: ResNet ``layer4``, VGG ``features``, ...)."""
         spec = self.params["layer"]
         if spec is None:
             spec = self.model.cam_layer
         if spec is None:
-            spatial = [
-                layer
-                for layer, shape in self.engine.calls
-                if isinstance(layer, nn.Conv2d)
-                and shape is not None
-                and len(shape) == 4
-                and shape[-1] * shape[-2] > 1
-            ]
-            if not spatial:
+            found = self.engine.feature_map()
+            if found is None:
                 raise RequestError(
-                    "no nn.Conv2d in the model has a spatial output to explain; pass layer=NAME"
+                    "no layer of the model outputs a spatial feature map (B, C, h, w) to explain; "
+                    "pass layer=NAME"
                 )
-            return {id(spatial[-1]): spatial[-1]}
+            return {id(found): found}
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         modules = [self.model.layer(s) for s in specs]
         return {id(m): m for m in modules}
@@ -374,7 +369,7 @@ class CAM(CAMMethod):
                 refusal.format(why="its last linear layer does not read that pooling")
             )
         if output.shape != (inputs.shape[0], head.out_features) or not torch.allclose(
-            head(inputs.to(head.weight.dtype)).float(),
+            F.linear(inputs.to(head.weight.dtype), head.weight, head.bias).float(),  # no call
             output,
             rtol=rtol,
             atol=rtol * 0.1 * output.abs().max(),

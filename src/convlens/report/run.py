@@ -365,7 +365,7 @@ def _features(
     images) of the channel of the CAM layer that contributes most to it on its first image."""
     from convlens import features
 
-    layer = features.common.resolve_layer(model, None)
+    layer = features.common.resolve_layer(model, None, x[:1])
     entries = []
     classes = list(dict.fromkeys(image["class"] for image in images))
     for c in classes:
