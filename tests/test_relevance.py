@@ -858,3 +858,100 @@ def test_epsilon_reaches_only_the_epsilon_rule_as_in_zennit():
     small = cl.explain(net, x, "lrp", composite="epsilon_plus", epsilon=1e-6, target=1)
     large = cl.explain(net, x, "lrp", composite="epsilon_plus", epsilon=0.25, target=1)
     torch.testing.assert_close(large.attribution, small.attribution)
+
+
+class InPlaceSkip(nn.Module):
+    """Xception's pattern: a max-pool output that the forward adds a skip to in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.skip = nn.Conv2d(3, 4, 1, stride=2)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(x)
+        y = self.pool(self.conv(x))
+        y += skip
+        return self.fc(self.relu(y).mean(dim=(2, 3)))
+
+
+def test_deeplift_on_an_in_place_residual_over_max_pooling_sums_to_delta():
+    model, x = InPlaceSkip().eval(), torch.randn(2, 3, 8, 8)
+    e = cl.explain(model, x, "deeplift", target=[0, 2])
+    torch.testing.assert_close(
+        e.attribution.sum(dim=(1, 2, 3)).double(), torch.tensor(e.extras["delta"]).double(),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
+class EfficientGates(nn.Module):
+    """EfficientNet's ingredients: SiLU, a squeeze-and-excitation gate (sigmoid, x * scale),
+    hard-swish and GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.squeeze, self.excite = nn.Conv2d(6, 2, 1), nn.Conv2d(2, 6, 1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv(x))
+        scale = torch.sigmoid(self.excite(F.silu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = x * scale
+        x = F.gelu(F.hardswish(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_deeplift_rescales_every_nonlinearity_and_splits_gates_so_it_sums_to_delta():
+    model, x = EfficientGates().eval(), torch.randn(2, 3, 8, 8)
+    for baseline in ("zero", "blur"):
+        e = cl.explain(model, x, "deeplift", target=[1, 3], baseline=baseline)
+        torch.testing.assert_close(
+            e.attribution.sum(dim=(1, 2, 3)).double(), torch.tensor(e.extras["delta"]).double(),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+
+
+class Normed(nn.Module):
+    """A LayerNorm over channels, as ConvNeXt and ViT have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 4, 3), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(torch.relu(self.conv(x)).mean(dim=(2, 3))))
+
+
+class FunctionalMax(nn.Module):
+    """A maximum taken by a function, not an nn.MaxPool2d module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).amax(dim=(2, 3)))
+
+
+def test_deeplift_refuses_operations_without_a_rule_by_name():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RequestError, match="no rule for layer_norm"):
+        cl.explain(Normed().eval(), x, "deeplift", target=0)
+    with pytest.raises(RequestError, match="not f\\(x\\) - f\\(x0\\)"):
+        # a reference whose maxima lie elsewhere: the plain gradient of amax then misses
+        cl.explain(FunctionalMax().eval(), x, "deeplift", target=0, baseline=-x.flip(-1))
+
+
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "guided_gradcam"])
+def test_rectifier_rules_refuse_other_nonlinearities_by_name(method):
+    with pytest.raises(RequestError, match="applies silu"):
+        cl.explain(EfficientGates().eval(), torch.randn(1, 3, 8, 8), method, target=0)

@@ -191,19 +191,35 @@ _RELU_INPLACE = {torch.relu_, Tensor.relu_, F.relu_}
 
 RectifierFunction = Callable[[Tensor, "float | None"], Tensor]
 
+# Elementwise nonlinearities that are not rectifiers (modules call these functions): a method
+# whose backward rule is defined for rectifiers must not let them pass a plain gradient.
+NONLINEARITIES = {
+    F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.softplus, F.mish,
+    F.leaky_relu, F.logsigmoid, F.softsign, F.tanhshrink, F.sigmoid, F.tanh, torch.sigmoid,
+    torch.tanh, Tensor.sigmoid, Tensor.tanh, torch.sigmoid_, torch.tanh_, Tensor.sigmoid_,
+    Tensor.tanh_,
+}  # fmt: skip
+# Calls another function answers for: (func, args, kwargs) -> result
+Other = Callable[[Callable[..., Any], tuple, dict], Any]
+
 
 class _RectifierMode(TorchFunctionMode):
     """Every rectifier call, max(0, x) or min(max(0, x), upper), goes to ``apply(x, upper)``;
     ``seen`` (if given) receives each result."""
 
     def __init__(
-        self, apply: RectifierFunction, seen: Callable[[Tensor], None] | None = None
+        self,
+        apply: RectifierFunction,
+        seen: Callable[[Tensor], None] | None = None,
+        other: Other | None = None,
     ) -> None:
         super().__init__()
-        self.apply, self.seen = apply, seen
+        self.apply, self.seen, self.other = apply, seen, other
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if self.other is not None and func in NONLINEARITIES:
+            return self.other(func, args, kwargs)
         upper: float | None = None
         if func in _RELU or func in _RELU_INPLACE:
             inplace = func in _RELU_INPLACE or bool(kwargs.get("inplace", False))
@@ -213,7 +229,9 @@ class _RectifierMode(TorchFunctionMode):
             low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
             upper = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
             inplace = args[3] if len(args) > 3 else bool(kwargs.get("inplace", False))
-            if low != 0:  # a true hardtanh, not a clipped rectifier: leave it alone
+            if low != 0:  # a true hardtanh, not a clipped rectifier
+                if self.other is not None:
+                    return self.other(func, args, kwargs)
                 return func(*args, **kwargs)
         else:
             return func(*args, **kwargs)
@@ -227,25 +245,39 @@ class _RectifierMode(TorchFunctionMode):
 
 @contextmanager
 def override_rectifiers(
-    rule: BackwardRule, seen: Callable[[Tensor], None] | None = None
+    rule: BackwardRule, seen: Callable[[Tensor], None] | None = None, refuse: str | None = None
 ) -> Iterator[None]:
     """Within the block, every rectifier's backward pass follows ``rule``; ``seen`` (if given)
-    receives every rectifier's output, a tensor known to be non-negative.
+    receives every rectifier's output, a tensor known to be non-negative. With ``refuse`` (the
+    method's name), any other elementwise nonlinearity (SiLU, GELU, hard-swish, a sigmoid
+    gate, ...) stops the forward pass with a one-line error naming it: the rule is defined for
+    rectifiers, and elsewhere the method would silently be the plain gradient.
 
     Example:
         >>> with override_rectifiers(rules.guided):
         ...     grad = torch.autograd.grad(model(x)[:, c].sum(), x)[0]
     """
-    with _RectifierMode(lambda x, upper: _Rectifier.apply(x, upper, rule), seen):
+
+    def refusal(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        raise RequestError(
+            f"{refuse} defines its backward rule for rectifiers (ReLU, ReLU6); this model also "
+            f"applies {getattr(func, '__name__', func)}, through which it would pass the plain "
+            "gradient; use saliency, integrated_gradients or smoothgrad"
+        )
+
+    apply = lambda x, upper: _Rectifier.apply(x, upper, rule)  # noqa: E731
+    with _RectifierMode(apply, seen, refusal if refuse else None):
         yield
 
 
 @contextmanager
-def replace_rectifiers(apply: RectifierFunction) -> Iterator[None]:
+def replace_rectifiers(apply: RectifierFunction, other: Other | None = None) -> Iterator[None]:
     """Within the block, every rectifier (``nn.ReLU``, ``nn.ReLU6``, ``F.relu``, ...; also in
-    place) is computed by ``apply(x, upper)``, ``upper`` None for ReLU: for methods whose
-    backward needs more than the gradient rule of :func:`override_rectifiers` (DeepLIFT)."""
-    with _RectifierMode(apply):
+    place) is computed by ``apply(x, upper)``, ``upper`` None for ReLU, and every other
+    elementwise nonlinearity (:data:`NONLINEARITIES`) by ``other(func, args, kwargs)`` if given:
+    for methods whose backward needs more than the gradient rule of
+    :func:`override_rectifiers` (DeepLIFT)."""
+    with _RectifierMode(apply, other=other):
         yield
 
 

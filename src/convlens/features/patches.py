@@ -165,7 +165,7 @@ def top_patches(
         for row, i in enumerate(order.tolist()):
             y, xx = positions[i].tolist()
             box = field.box(y, xx)
-            with override_rectifiers(rules.deconvnet):
+            with override_rectifiers(rules.deconvnet, refuse="top_patches' deconvnet projection"):
                 step = engine.evaluate(x[i : i + 1], [Neuron(name, channel, y, xx)], grad=True)
             (gradient,) = torch.autograd.grad(step.scores.sum(), step.inputs)
             x0, y0, x1, y1 = box

@@ -46,7 +46,7 @@ class GradientMethod(Method):
         ``Predicted()`` targets are resolved from this very forward pass.
         """
         rule = type(self).rule
-        with override_rectifiers(rule) if rule is not None else nullcontext():
+        with override_rectifiers(rule, refuse=self.name) if rule is not None else nullcontext():
             step = self.engine.evaluate(x, targets, grad=True)
         (grad,) = torch.autograd.grad(step.scores.sum(), step.inputs)
         return grad, step.targets

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, RequestTypeError, finite, positive_int
@@ -34,13 +35,15 @@ class _Rescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
-        out = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
-        ctx.x, ctx.out, ctx.upper = x.detach().clone(), out.detach(), upper
-        return out
+        # the output is recomputed from a copy of x in backward: the model may change either
+        # in place afterwards (an in-place rectifier, x += skip)
+        ctx.x, ctx.upper = x.detach().clone(), upper
+        return torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        x, out, upper = ctx.x, ctx.out, ctx.upper
+        x, upper = ctx.x, ctx.upper
+        out = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
         derivative = (x > 0) if upper is None else (x > 0) & (x < upper)
         xi, xr = x.chunk(2)
         yi, yr = out.chunk(2)
@@ -60,7 +63,9 @@ class _MaxPoolDelta(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, out: Tensor, pool: nn.MaxPool2d) -> Tensor:
         ctx.save_for_backward(x)
         ctx.pool, ctx.out = pool, out.detach()
-        return out.view_as(out)
+        # a new tensor, not a view: the model may add to it in place (Xception's x += skip),
+        # which changes the copy and never the output kept for the backward pass
+        return out.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -90,10 +95,94 @@ class _MaxPoolDelta(torch.autograd.Function):
         return torch.cat([multiplier, multiplier]), None, None
 
 
+class _RescaleAny(torch.autograd.Function):
+    """Any elementwise nonlinearity f (SiLU, GELU, sigmoid, tanh, hard-swish, ...) on a batch
+    [inputs; references], with the rescale multiplier (f(x) - f(x0)) / (x - x0) (Shrikumar
+    et al. 2017, section 3.5.1: the rule for every elementwise nonlinearity), the derivative
+    where x = x0."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.x, ctx.f = x.detach().clone(), f
+        return f(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, f = ctx.x, ctx.f
+        xi, xr = x.chunk(2)
+        with torch.enable_grad():
+            leaf = xi.detach().requires_grad_(True)
+            (derivative,) = torch.autograd.grad(f(leaf).sum(), leaf)
+        yi, yr = f(xi), f(xr)
+        dx = xi - xr
+        multiplier = torch.where(
+            dx.abs() < DELTA_EPS, derivative, (yi - yr) / torch.where(dx == 0, 1, dx)
+        )
+        return grad * torch.cat([multiplier, multiplier]), None
+
+
+def _nonlinearity(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:
+    """An elementwise nonlinearity call under DeepLIFT's rescale rule (in place if asked)."""
+    x, rest = args[0], args[1:]
+    options = {k: v for k, v in kwargs.items() if k != "inplace"}
+    inplace = bool(kwargs.get("inplace", False)) or func.__name__.endswith("_")
+    plain = getattr(torch, func.__name__.rstrip("_"), None) if inplace else func
+    out = _RescaleAny.apply(x, lambda t: (plain or func)(t, *rest, **options))
+    return x.copy_(out) if inplace else out
+
+
+_PRODUCTS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+_IN_PLACE_PRODUCTS = {Tensor.mul_, Tensor.__imul__}
+# operations whose output change DeepLIFT has no rule to split: of one varying input
+# (normalisations, softmax) and of two (products of matrices, quotients, attention)
+_WITHOUT_RULE_1 = {
+    F.layer_norm, F.group_norm, F.instance_norm, F.softmax, F.log_softmax, torch.softmax,
+    Tensor.softmax,
+}  # fmt: skip
+_WITHOUT_RULE_2 = {
+    torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, torch.einsum, torch.div,
+    Tensor.div, Tensor.__truediv__, F.scaled_dot_product_attention,
+    F.multi_head_attention_forward,
+}  # fmt: skip
+
+
+def _pair_mean(t: Tensor) -> Tensor:
+    """(t + t0) / 2 for each half of a [inputs; references] batch, on both halves."""
+    mean = sum(t.detach().chunk(2)) / 2
+    return torch.cat([mean, mean])
+
+
+class _DeltaMode(TorchFunctionMode):
+    """DeepLIFT's rules beyond single-input nonlinearities, on a batch [inputs; references]:
+    a product a·b of two varying tensors (a squeeze-and-excitation gate) splits its change as
+    Δ(ab) = ((b + b0)/2) Δa + ((a + a0)/2) Δb, the Shapley values of its two factors, exact
+    for any a, b; operations without a rule (normalisations, softmax, attention, products of
+    matrices and quotients of varying tensors) are refused by name."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        varying = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+        if (func in _WITHOUT_RULE_1 and varying) or (func in _WITHOUT_RULE_2 and len(varying) > 1):
+            raise RequestError(
+                f"deeplift has no rule for {func.__name__} of varying tensors in this model, so "
+                "its attributions would not sum to f(x) - f(x0); use integrated_gradients or "
+                "gradient_shap"
+            )
+        if (func in _PRODUCTS or func in _IN_PLACE_PRODUCTS) and len(varying) == 2:
+            a, b = args[0], args[1]
+            if a.dim() and b.dim() and a.shape[0] == b.shape[0] and a.shape[0] % 2 == 0:
+                linear = a * _pair_mean(b) + _pair_mean(a) * b
+                out = linear + (a.detach() * b.detach() - linear).detach()
+                return a.copy_(out) if func in _IN_PLACE_PRODUCTS else out
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def deeplift_context(module: nn.Module) -> Iterator[None]:
-    """Rescale multipliers on every rectifier and max pooling of ``module`` while the block
-    runs it on a batch [inputs; references]."""
+    """DeepLIFT's rules while the block runs ``module`` on a batch [inputs; references]: the
+    rescale rule on every rectifier and elementwise nonlinearity, summation-to-delta through
+    max pooling, the Shapley split of products (gates); other operations without a rule are
+    refused by name."""
 
     def hook(pool: nn.Module, args: Any, out: Tensor) -> Tensor:
         return _MaxPoolDelta.apply(args[0], out, pool)
@@ -102,7 +191,8 @@ def deeplift_context(module: nn.Module) -> Iterator[None]:
         m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.MaxPool2d)
     ]
     try:
-        with replace_rectifiers(lambda x, upper: _Rescale.apply(x, upper)):
+        rescale = replace_rectifiers(lambda x, upper: _Rescale.apply(x, upper), _nonlinearity)
+        with rescale, _DeltaMode():
             yield
     finally:
         for handle in handles:
@@ -203,7 +293,26 @@ class DeepLift(Method):
                 deltas.index_add_(0, rows, delta)
                 for j, i in enumerate(rows.tolist()):
                     targets[i] = step.targets[j]
-        return Result(total / k, targets, extras={"delta": (deltas / k).tolist()})
+        attribution, delta = total / k, deltas / k
+        half = self.engine.dtype not in (torch.float32, torch.float64)
+        _check_summation(attribution, delta, 0.1 if half else 0.01)
+        return Result(attribution, targets, extras={"delta": delta.tolist()})
+
+
+def _check_summation(attribution: Tensor, delta: Tensor, rtol: float) -> None:
+    """Summation-to-delta holds wherever every operation has a rule; where it misses by more
+    than ``rtol`` of f(x) - f(x0) (1%; 10% for half-precision models), an operation without one
+    passed a plain gradient: refuse rather than show a wrong map."""
+    sums = attribution.sum(dim=tuple(range(1, attribution.dim()))).double().cpu()
+    off = (sums - delta).abs()
+    bad = off > rtol * delta.abs() + 1e-6 * (1 + delta.abs().max())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise RequestError(
+            f"deeplift's attributions sum to {sums[i]:.4g}, not f(x) - f(x0) = {delta[i]:.4g} "
+            f"(input {i}): the model has an operation without a DeepLIFT rule (e.g. functional "
+            "max pooling or a maximum); use integrated_gradients or gradient_shap"
+        )
 
 
 def shap_draws(
