@@ -4,6 +4,7 @@ captum."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -955,3 +956,14 @@ def test_deeplift_refuses_operations_without_a_rule_by_name():
 def test_rectifier_rules_refuse_other_nonlinearities_by_name(method):
     with pytest.raises(RequestError, match="applies silu"):
         cl.explain(EfficientGates().eval(), torch.randn(1, 3, 8, 8), method, target=0)
+
+
+def test_lrp_conservation_is_judged_against_the_logit_not_the_largest_term():
+    from convlens.methods.relevance.lrp import _warn_unless_conserved
+
+    one = torch.ones(1, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="not conserved"):  # 0.5 off a logit of 1
+        _warn_unless_conserved(one, one * 100.5, one * -99.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unless_conserved(one, one * 100.5, one * -99.5)  # conserved
