@@ -360,3 +360,20 @@ def test_unknown_layer_lists_candidates(x):
 def test_gradient_methods_refuse_a_layer(x):
     with pytest.raises(TypeError, match="does not take a layer"):
         explain(tiny(), "saliency", x, layer="conv2")
+
+
+def test_vit_tokens_are_reshaped_to_their_grid_or_by_the_callers_function():
+    from zoo import ZOO, zoo_input
+
+    model, x = ZOO["vit"](), zoo_input()
+    auto = cl.explain(model, x, "gradcam", target=[1, 2])
+    assert auto.layer == "blocks.3.norm1"  # the last block's first norm, as users pick
+
+    def grid(tokens: torch.Tensor) -> torch.Tensor:  # drop the class token, 16 = 4 x 4 patches
+        return tokens[:, 1:].reshape(len(tokens), 4, 4, -1).permute(0, 3, 1, 2)
+
+    given = cl.explain(model, x, "gradcam", target=[1, 2], layer="blocks.3.norm1", reshape=grid)
+    close(given.attribution, auto.attribution)
+    assert auto.attribution.abs().sum() > 0
+    with pytest.raises(ValueError, match="reshape must return feature maps"):
+        cl.explain(model, x, "gradcam", layer="blocks.3.norm1", target=1, reshape=lambda t: t)

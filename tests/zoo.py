@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EXPECTED_CAM_LAYER", "ZOO", "zoo_input"]
+__all__ = ["ZOO", "zoo_input"]
 
 NUM_CLASSES = 10
 LOGIT_SPREAD = 3.0  # standard deviation of the logits on zoo inputs
@@ -83,8 +83,9 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
 
 
 class ConvNormActivation(nn.Sequential):
-    """torchvision's Conv2dNormActivation: a Sequential 0 = Conv2d, 1 = norm, 2 = activation
-    (built with ``inplace=True``), padding (k - 1) // 2, conv bias only without a norm."""
+    """torchvision's Conv2dNormActivation: Sequential of Conv2d, norm, activation (in place)."""
+
+    # padding (k - 1) // 2; the convolution has a bias only where there is no norm
 
     def __init__(
         self,
@@ -103,7 +104,9 @@ class ConvNormActivation(nn.Sequential):
         if bias is None:
             bias = norm_layer is None
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
+            nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias
+            )
         ]
         if norm_layer is not None:
             layers.append(norm_layer(out_channels))
@@ -113,8 +116,9 @@ class ConvNormActivation(nn.Sequential):
 
 
 class SqueezeExcitation(nn.Module):
-    """torchvision's SqueezeExcitation: avgpool, fc1 (1x1 conv), activation, fc2, scale
-    activation (sigmoid, or hard sigmoid in MobileNetV3), then the gate ``scale * input``."""
+    """torchvision's squeeze-excitation: pooled 1x1 convs and a gate, ``scale * input``."""
+
+    # avgpool, fc1, activation, fc2, scale_activation (sigmoid; hard sigmoid in MobileNetV3)
 
     def __init__(
         self,
@@ -143,8 +147,7 @@ class SqueezeExcitation(nn.Module):
 
 
 class StochasticDepth(nn.Module):
-    """torchvision's StochasticDepth ("row" mode): drops whole residual branches per sample
-    while training; the identity in eval mode (and with p = 0)."""
+    """torchvision's stochastic depth: drops residual branches in training, identity in eval."""
 
     def __init__(self, p: float, mode: str = "row") -> None:
         super().__init__()
@@ -160,7 +163,7 @@ class StochasticDepth(nn.Module):
 
 
 class Permute(nn.Module):
-    """torchvision's Permute module (ConvNeXt moves to channels-last and back with it)."""
+    """torchvision's Permute module (ConvNeXt's move to channels-last and back)."""
 
     def __init__(self, dims: list[int]) -> None:
         super().__init__()
@@ -171,8 +174,7 @@ class Permute(nn.Module):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """torchvision's LayerNorm2d: nn.LayerNorm over the channels of a (B, C, H, W) tensor, by
-    permuting to (B, H, W, C) and back."""
+    """torchvision's LayerNorm2d: nn.LayerNorm over channels, via permutes to (B, H, W, C)."""
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 2, 3, 1)
@@ -200,8 +202,7 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block: conv1/bn1/relu/conv2/bn2, ``out += identity`` in place, one
-    nn.ReLU(inplace=True) module called twice."""
+    """ResNet basic block: two 3x3 conv-bn, ``out += identity`` in place, one ReLU reused."""
 
     expansion = 1
 
@@ -232,8 +233,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck block (v1.5, stride on the 3x3): 1x1 / 3x3 / 1x1 (x4 channels) with
-    bn1..bn3, ``out += identity`` in place, one nn.ReLU(inplace=True) called three times."""
+    """ResNet bottleneck (v1.5): 1x1/3x3/1x1 conv-bn, ``out += identity`` in place, ReLU reused."""
 
     expansion = 4
 
@@ -269,9 +269,10 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet (He et al. 2016), torchvision layout: conv1/bn1/relu (one module, reused)/maxpool,
-    layer1..layer4 with downsample Sequentials, avgpool, torch.flatten, fc. The stem convolution
-    is 3x3 stride 1 (CIFAR size) so that layer4 stays 2x2 on 32x32 inputs."""
+    """ResNet (He et al. 2016), torchvision names: conv1/bn1/relu/maxpool, layer1..4, fc."""
+
+    # the stem convolution is 3x3 stride 1 (CIFAR size) so that layer4 stays 2x2 on 32x32 inputs;
+    # one top-level nn.ReLU(inplace=True) module; torch.flatten(x, 1) before fc
 
     def __init__(
         self,
@@ -334,8 +335,7 @@ def resnet_bottleneck() -> nn.Module:
 
 
 class _DenseLayer(nn.Module):
-    """DenseNet layer: concatenates every earlier feature map, then norm1/relu1/conv1 (1x1
-    bottleneck) and norm2/relu2/conv2 (3x3, growth-rate channels)."""
+    """DenseNet layer: concatenated earlier maps, norm/relu/1x1 conv, norm/relu/3x3 conv."""
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int) -> None:
         super().__init__()
@@ -357,8 +357,7 @@ class _DenseLayer(nn.Module):
 
 
 class _DenseBlock(nn.ModuleDict):
-    """DenseNet block: a ModuleDict of dense layers, each fed the list of all earlier outputs;
-    returns their concatenation."""
+    """DenseNet block: ModuleDict of dense layers fed all earlier outputs, concatenated."""
 
     def __init__(
         self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int
@@ -387,9 +386,10 @@ class _Transition(nn.Sequential):
 
 
 class DenseNet(nn.Module):
-    """DenseNet (Huang et al. 2017), torchvision layout: features = conv0/norm0/relu0/pool0,
-    denseblock1, transition1, denseblock2, norm5; forward applies F.relu(inplace=True) to the
-    features' output, adaptive_avg_pool2d, flatten and classifier. Two blocks of two layers."""
+    """DenseNet (Huang et al. 2017), torchvision names: features (conv0..norm5), classifier."""
+
+    # features = conv0, norm0, relu0, pool0, denseblock1, transition1, denseblock2, norm5 (two
+    # blocks of two layers); forward: F.relu(features, inplace=True), adaptive_avg_pool2d, flatten
 
     def __init__(
         self,
@@ -439,10 +439,10 @@ def densenet() -> nn.Module:
 
 
 class VGG(nn.Module):
-    """VGG (Simonyan & Zisserman 2015): features = Conv2d + ReLU(inplace=True) blocks with
-    MaxPool2d, avgpool AdaptiveAvgPool2d((2, 2)), ``x.view(x.size(0), -1)`` as older VGG code
-    flattens (it raises on a channels-last tensor), classifier Linear/ReLU(inplace)/Dropout x2
-    then Linear."""
+    """VGG (Simonyan & Zisserman 2015): features (conv, ReLU(inplace), maxpool), classifier."""
+
+    # avgpool AdaptiveAvgPool2d((2, 2)); flattened by x.view(x.size(0), -1) as older VGG code does
+    # (it raises on channels-last tensors); classifier Linear, ReLU(inplace), Dropout (x2), Linear
 
     def __init__(
         self, cfg: tuple[int | str, ...] = (8, "M", 16, "M", 24, 24, "M"), hidden: int = 48
@@ -486,7 +486,7 @@ InceptionOutputs = namedtuple("InceptionOutputs", ["logits", "aux_logits"])
 
 
 class BasicConv2d(nn.Module):
-    """Inception's conv + bn (eps 0.001) + ``F.relu(x, inplace=True)``."""
+    """Inception's BasicConv2d: conv, bn (eps 0.001), ``F.relu(x, inplace=True)``."""
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs: object) -> None:
         super().__init__()
@@ -500,7 +500,7 @@ class BasicConv2d(nn.Module):
 
 
 class InceptionA(nn.Module):
-    """Inception A (Mixed_5b): 1x1, 5x5, double 3x3 and avg-pool branches, concatenated."""
+    """Inception A (Mixed_5b): 1x1, 5x5, double-3x3 and avg-pool branches, concatenated."""
 
     def __init__(self, in_channels: int, pool_features: int) -> None:
         super().__init__()
@@ -522,7 +522,7 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-    """Inception B (Mixed_6a, grid reduction): strided 3x3, double 3x3 and max-pool branches."""
+    """Inception B (Mixed_6a): strided 3x3, double 3x3 and max-pool branches (grid reduction)."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
@@ -539,7 +539,7 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-    """Inception C (Mixed_6b): 1x1, factorised 1x7/7x1, double 7x1/1x7 and avg-pool branches."""
+    """Inception C (Mixed_6b): 1x1, 1x7/7x1, double 7x1/1x7 and avg-pool branches."""
 
     def __init__(self, in_channels: int, channels_7x7: int) -> None:
         super().__init__()
@@ -569,8 +569,7 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-    """Inception D (Mixed_7a, grid reduction): 1x1 + strided 3x3, 1x1/1x7/7x1 + strided 3x3,
-    and max-pool branches."""
+    """Inception D (Mixed_7a): strided 3x3, 1x7/7x1 + strided 3x3, max-pool branches."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
@@ -592,8 +591,7 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Inception E (Mixed_7b, Mixed_7c): 1x1, 3x3 split into concatenated 1x3 and 3x1, double
-    3x3 split likewise, and avg-pool branches."""
+    """Inception E (Mixed_7b/7c): 1x1, 3x3 and double 3x3 split into 1x3|3x1, avg-pool."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
@@ -621,7 +619,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionAux(nn.Module):
-    """Inception's auxiliary head: avg-pool, conv0 (1x1), conv1, adaptive avg-pool, fc."""
+    """Inception's AuxLogits head: avg-pool, conv0 (1x1), conv1, adaptive avg-pool, fc."""
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -639,10 +637,12 @@ class InceptionAux(nn.Module):
 
 
 class Inception3(nn.Module):
-    """Inception v3 (Szegedy et al. 2016), torchvision layout: BasicConv2d stem (Conv2d_1a_3x3,
-    maxpool1, Conv2d_3b_1x1, Conv2d_4a_3x3), Mixed_5b (A), Mixed_6a (B), Mixed_6b (C), AuxLogits
-    (train mode only: returns InceptionOutputs(logits, aux_logits)), Mixed_7a (D), Mixed_7b and
-    Mixed_7c (E, 3x3 maps), avgpool, dropout, fc; one block of each kind."""
+    """Inception v3 (Szegedy et al. 2016), torchvision names: Mixed_5b..Mixed_7c, AuxLogits, fc."""
+
+    # stem Conv2d_1a_3x3, maxpool1, Conv2d_3b_1x1, Conv2d_4a_3x3; one block of each kind:
+    # Mixed_5b (A), Mixed_6a (B), Mixed_6b (C), Mixed_7a (D), Mixed_7b and Mixed_7c (E, 3x3
+    # maps); avgpool, dropout, fc; in train mode AuxLogits runs and forward returns
+    # InceptionOutputs(logits, aux_logits)
 
     def __init__(self, num_classes: int = NUM_CLASSES, aux_logits: bool = True) -> None:
         super().__init__()
@@ -697,12 +697,16 @@ def inception() -> nn.Module:
 
 
 class SeparableConv2d(nn.Module):
-    """Depthwise-separable convolution: conv1 (depthwise, groups = in channels) + pointwise."""
+    """Depthwise-separable convolution: conv1 (depthwise, groups=in) + pointwise 1x1."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
         padding: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(
             in_channels, in_channels, kernel_size, stride, padding, groups=in_channels, bias=False
@@ -716,9 +720,9 @@ class SeparableConv2d(nn.Module):
 
 
 class XceptionBlock(nn.Module):
-    """Xception block (timm ``Block``): rep = [ReLU, SeparableConv2d, BatchNorm2d] x reps (+ a
-    MaxPool2d when strided), skip = 1x1 conv + skipbn where the shape changes, and the in-place
-    ``x += skip`` on the rep's output (the max-pool output when strided)."""
+    """Xception block (timm Block): ReLU/SeparableConv2d/BN reps, max pool, ``x += skip``."""
+
+    # skip = 1x1 conv + skipbn where the shape changes; where strided, x is the max-pool output
 
     def __init__(
         self,
@@ -780,9 +784,10 @@ class SelectAdaptivePool2d(nn.Module):
 
 
 class Xception(nn.Module):
-    """Xception (Chollet 2017), timm layout: conv1/bn1/act1, conv2/bn2/act2, block1..block4
-    (entry: strided with max pooling, middle: identity skip, exit: grow_first=False),
-    conv3/bn3/act3 and conv4/bn4/act4 (separable), global_pool, fc; the last map is 2x2."""
+    """Xception (Chollet 2017), timm names: conv1/bn1/act1, block1..4, conv4/bn4/act4, fc."""
+
+    # conv2/bn2/act2 after the first; blocks: two strided entry blocks, a middle block (identity
+    # skip), an exit block (grow_first=False); conv3/conv4 separable; global_pool; last map 2x2
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
@@ -843,14 +848,12 @@ def xception() -> nn.Module:
 
 
 class InvertedResidualV2(nn.Module):
-    """MobileNetV2 inverted residual: conv = [1x1 expansion ConvNormActivation (ReLU6), 3x3
-    depthwise ConvNormActivation (ReLU6), 1x1 projection conv, BatchNorm2d] (a linear
-    bottleneck), ``x + self.conv(x)`` where stride 1 and shapes match."""
+    """MobileNetV2 block: ReLU6 expansion, depthwise, linear bottleneck, ``x + conv(x)``."""
 
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
         self.stride = stride
-        hidden_dim = int(round(inp * expand_ratio))
+        hidden_dim = round(inp * expand_ratio)
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:
@@ -872,9 +875,10 @@ class InvertedResidualV2(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 (Sandler et al. 2018), torchvision layout: features = stem ConvNormActivation
-    (ReLU6, stride 2), inverted residuals, 1x1 ConvNormActivation; adaptive_avg_pool2d, flatten,
-    classifier = Dropout + Linear. Five blocks; features are 4x4."""
+    """MobileNetV2 (Sandler et al. 2018), torchvision names: features, classifier."""
+
+    # features = stem ConvNormActivation (ReLU6, stride 2), five inverted residuals, 1x1
+    # ConvNormActivation (4x4 maps); forward: adaptive_avg_pool2d, flatten, classifier
 
     def __init__(self, num_classes: int = NUM_CLASSES, last_channel: int = 64) -> None:
         super().__init__()
@@ -888,7 +892,9 @@ class MobileNetV2(nn.Module):
                 stride = s if i == 0 else 1
                 features.append(InvertedResidualV2(input_channel, c, stride, expand_ratio=t))
                 input_channel = c
-        features.append(ConvNormActivation(input_channel, last_channel, 1, activation_layer=nn.ReLU6))
+        features.append(
+            ConvNormActivation(input_channel, last_channel, 1, activation_layer=nn.ReLU6)
+        )
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last_channel, num_classes))
 
@@ -908,9 +914,9 @@ def mobilenet_v2() -> nn.Module:
 
 
 class InvertedResidualV3(nn.Module):
-    """MobileNetV3 block: block = [1x1 expansion, depthwise (ReLU or Hardswish), optional
-    SqueezeExcitation with a Hardsigmoid gate, 1x1 linear projection], ``result += input`` in
-    place where stride 1 and shapes match."""
+    """MobileNetV3 block: expansion, depthwise, SE (Hardsigmoid gate), projection, ``+=``."""
+
+    # activations ReLU or Hardswish; ``result += input`` in place where stride 1 and shapes match
 
     def __init__(
         self,
@@ -949,9 +955,7 @@ class InvertedResidualV3(nn.Module):
                     expanded_channels, squeeze_channels, scale_activation=nn.Hardsigmoid
                 )
             )
-        layers.append(
-            ConvNormActivation(expanded_channels, out_channels, 1, activation_layer=None)
-        )
+        layers.append(ConvNormActivation(expanded_channels, out_channels, 1, activation_layer=None))
         self.block = nn.Sequential(*layers)
         self.out_channels = out_channels
 
@@ -963,10 +967,10 @@ class InvertedResidualV3(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-    """MobileNetV3 (Howard et al. 2019), torchvision layout: features = stem ConvNormActivation
-    (Hardswish, stride 2), inverted residuals (ReLU or Hardswish, SE with Hardsigmoid), 1x1
-    ConvNormActivation (Hardswish); avgpool, flatten, classifier = Linear, Hardswish, Dropout,
-    Linear. Five blocks; features are 4x4."""
+    """MobileNetV3 (Howard et al. 2019), torchvision names: features, avgpool, classifier."""
+
+    # features = stem (Hardswish, stride 2), five blocks (ReLU or Hardswish, SE), 1x1 conv
+    # (Hardswish), 4x4 maps; classifier = Linear, Hardswish, Dropout, Linear
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
@@ -1012,9 +1016,9 @@ def mobilenet_v3() -> nn.Module:
 
 
 class MBConv(nn.Module):
-    """EfficientNet MBConv: block = [1x1 expansion (SiLU), depthwise (SiLU), SqueezeExcitation
-    (SiLU, sigmoid gate), 1x1 linear projection]; ``result = stochastic_depth(result);
-    result += input`` in place where stride 1 and shapes match."""
+    """EfficientNet MBConv: SiLU expansion, depthwise, SE (sigmoid gate), projection, ``+=``."""
+
+    # where stride 1 and shapes match: result = stochastic_depth(result); result += input
 
     def __init__(
         self,
@@ -1049,9 +1053,7 @@ class MBConv(nn.Module):
                 expanded_channels, squeeze_channels, activation=partial(nn.SiLU, inplace=True)
             )
         )
-        layers.append(
-            ConvNormActivation(expanded_channels, out_channels, 1, activation_layer=None)
-        )
+        layers.append(ConvNormActivation(expanded_channels, out_channels, 1, activation_layer=None))
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = StochasticDepth(stochastic_depth_prob, "row")
         self.out_channels = out_channels
@@ -1065,10 +1067,10 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet-B0 (Tan & Le 2019), torchvision layout: features = stem ConvNormActivation
-    (SiLU, stride 2), one Sequential of MBConv blocks per stage (stochastic depth growing to
-    0.2), 1x1 ConvNormActivation (SiLU); avgpool, flatten, classifier = Dropout + Linear.
-    Three stages; features are 4x4."""
+    """EfficientNet-B0 (Tan & Le 2019), torchvision names: features, avgpool, classifier."""
+
+    # features = stem (SiLU, stride 2), one Sequential of MBConv per stage (three stages,
+    # stochastic depth up to 0.2), 1x1 conv + bn + SiLU (4x4 maps); classifier = Dropout, Linear
 
     def __init__(self, num_classes: int = NUM_CLASSES, stochastic_depth_prob: float = 0.2) -> None:
         super().__init__()
@@ -1119,8 +1121,7 @@ def efficientnet_b0() -> nn.Module:
 
 
 class BottleneckTransform(nn.Sequential):
-    """RegNet bottleneck: a = 1x1 (ReLU), b = grouped 3x3 (ReLU, groups = width / group width),
-    se = SqueezeExcitation (ReLU, sigmoid gate; the Y in RegNetY), c = 1x1 without activation."""
+    """RegNetY bottleneck: a 1x1, b grouped 3x3, se (sigmoid gate), c 1x1 without activation."""
 
     def __init__(
         self, width_in: int, width_out: int, stride: int, group_width: int, se_ratio: float
@@ -1130,14 +1131,14 @@ class BottleneckTransform(nn.Sequential):
         g = w_b // group_width
         layers["a"] = ConvNormActivation(width_in, w_b, 1)
         layers["b"] = ConvNormActivation(w_b, w_b, 3, stride=stride, groups=g)
-        width_se_out = int(round(se_ratio * width_in))
+        width_se_out = round(se_ratio * width_in)
         layers["se"] = SqueezeExcitation(w_b, width_se_out, activation=nn.ReLU)
         layers["c"] = ConvNormActivation(w_b, width_out, 1, activation_layer=None)
         super().__init__(layers)
 
 
 class ResBottleneckBlock(nn.Module):
-    """RegNet residual block: ``x = proj(x) + f(x)`` (or ``x + f(x)``), then ReLU(inplace)."""
+    """RegNet residual block: ``proj(x) + f(x)`` (or ``x + f(x)``), then ReLU(inplace)."""
 
     def __init__(
         self, width_in: int, width_out: int, stride: int, group_width: int, se_ratio: float
@@ -1152,20 +1153,23 @@ class ResBottleneckBlock(nn.Module):
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.proj is not None:
-            x = self.proj(x) + self.f(x)
-        else:
-            x = x + self.f(x)
+        x = self.proj(x) + self.f(x) if self.proj is not None else x + self.f(x)
         return self.activation(x)
 
 
 class AnyStage(nn.Sequential):
-    """RegNet stage: blocks named ``block{stage}-{i}``."""
+    """RegNet stage: a Sequential of blocks named ``block{stage}-{i}``."""
 
     def __init__(
-        self, width_in: int, width_out: int, stride: int, depth: int, group_width: int,
-        se_ratio: float, stage_index: int,
-    ) -> None:  # fmt: skip
+        self,
+        width_in: int,
+        width_out: int,
+        stride: int,
+        depth: int,
+        group_width: int,
+        se_ratio: float,
+        stage_index: int,
+    ) -> None:
         super().__init__()
         for i in range(depth):
             block = ResBottleneckBlock(
@@ -1179,9 +1183,10 @@ class AnyStage(nn.Sequential):
 
 
 class RegNet(nn.Module):
-    """RegNetY (Radosavovic et al. 2020), torchvision layout: stem (3x3 stride 2 ConvNormActivation),
-    trunk_output = block1, block2 stages of ResBottleneckBlocks (grouped 3x3, SE 0.25),
-    avgpool, flatten, fc; trunk_output is 4x4."""
+    """RegNetY (Radosavovic et al. 2020), torchvision names: stem, trunk_output, avgpool, fc."""
+
+    # stem = 3x3 stride 2 ConvNormActivation; trunk_output = stages block1, block2 of residual
+    # bottlenecks (grouped 3x3, group width 8, SE 0.25); trunk_output is 4x4
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
@@ -1215,9 +1220,10 @@ def regnet_y() -> nn.Module:
 
 
 class CNBlock(nn.Module):
-    """ConvNeXt block: block = [7x7 depthwise conv, Permute to (B, H, W, C), nn.LayerNorm,
-    Linear 4x, GELU, Linear, Permute back]; ``layer_scale * block(x)``, stochastic depth,
-    ``result += input`` in place."""
+    """ConvNeXt block: 7x7 depthwise, channels-last LayerNorm-Linear-GELU-Linear, scale, ``+=``."""
+
+    # block = conv, Permute (B, H, W, C), LayerNorm, Linear 4x, GELU, Linear, Permute back;
+    # result = layer_scale * block(x); result = stochastic_depth(result); result += input
 
     def __init__(self, dim: int, layer_scale: float, stochastic_depth_prob: float) -> None:
         super().__init__()
@@ -1241,9 +1247,10 @@ class CNBlock(nn.Module):
 
 
 class ConvNeXt(nn.Module):
-    """ConvNeXt (Liu et al. 2022), torchvision layout: features = stem (4x4 stride 4 conv +
-    LayerNorm2d), stages of CNBlocks with downsampling (LayerNorm2d + 2x2 stride 2 conv) in
-    between; avgpool; classifier = LayerNorm2d, Flatten, Linear. Three stages; features 2x2."""
+    """ConvNeXt (Liu et al. 2022), torchvision names: features, avgpool, classifier."""
+
+    # features = stem (4x4 stride 4 conv + LayerNorm2d), three stages of CNBlocks with
+    # LayerNorm2d + 2x2 stride 2 conv between (2x2 maps); classifier = LayerNorm2d, Flatten, Linear
 
     def __init__(self, num_classes: int = NUM_CLASSES, stochastic_depth_prob: float = 0.1) -> None:
         super().__init__()
@@ -1251,10 +1258,16 @@ class ConvNeXt(nn.Module):
         norm_layer = partial(LayerNorm2d, eps=1e-6)
         layers: list[nn.Module] = [
             ConvNormActivation(
-                3, stages[0][0], kernel_size=4, stride=4, padding=0, norm_layer=norm_layer,
-                activation_layer=None, bias=True,
+                3,
+                stages[0][0],
+                kernel_size=4,
+                stride=4,
+                padding=0,
+                norm_layer=norm_layer,
+                activation_layer=None,
+                bias=True,
             )
-        ]  # fmt: skip
+        ]
         total_blocks = sum(stage[-1] for stage in stages)
         block_id = 0
         for input_channels, out_channels, num_layers in stages:
@@ -1293,8 +1306,7 @@ def convnext() -> nn.Module:
 
 
 class PatchEmbed(nn.Module):
-    """timm's PatchEmbed: proj = Conv2d with stride = kernel = patch size, then flatten to
-    tokens (B, N, C); norm is an Identity."""
+    """timm's PatchEmbed: proj Conv2d with stride = kernel = patch, flattened to (B, N, C)."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -1309,8 +1321,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """timm's Attention (unfused path): qkv Linear, heads, softmax over scaled dot products,
-    proj Linear."""
+    """timm's Attention (unfused): qkv Linear, softmax of scaled dot products, proj Linear."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -1358,7 +1369,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """timm's pre-norm transformer block: ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``."""
+    """timm's pre-norm ViT block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -1378,9 +1389,10 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al. 2021), timm layout: patch_embed.proj (8x8 patches: 16 tokens),
-    cls_token, pos_embed, pos_drop, blocks.0..blocks.3 (norm1, attn.qkv/proj, norm2,
-    mlp.fc1/fc2), norm, head on the class token (global_pool="token")."""
+    """ViT (Dosovitskiy et al. 2021), timm names: patch_embed.proj, blocks.N, norm, head."""
+
+    # 8x8 patches on 32x32 inputs: 16 tokens and a cls_token, pos_embed; blocks.0..blocks.3 with
+    # norm1, attn.qkv/proj, norm2, mlp.fc1/fc2; head reads the class token (global_pool='token')
 
     def __init__(
         self,
@@ -1448,22 +1460,4 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "regnet_y": regnet_y,
     "convnext": convnext,
     "vit": vit,
-}
-
-# The layer users point CAM methods at in each family (what pytorch-grad-cam's and the papers'
-# examples use): the last feature map the classifier pools, at the module that returns it; for
-# ViT the last block's norm1 tokens (which need a reshape to a grid).
-EXPECTED_CAM_LAYER: dict[str, str] = {
-    "resnet_basic": "layer4",
-    "resnet_bottleneck": "layer4",
-    "densenet": "features",
-    "vgg": "features",
-    "inception": "Mixed_7c",
-    "xception": "act4",
-    "mobilenet_v2": "features",
-    "mobilenet_v3": "features",
-    "efficientnet_b0": "features",
-    "regnet_y": "trunk_output",
-    "convnext": "features",
-    "vit": "blocks.3.norm1",
 }

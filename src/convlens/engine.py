@@ -396,12 +396,15 @@ class Engine:
     def _probe(self, image: Tensor) -> tuple[str, list[Call]]:
         module = self.model.module
         calls: list[Call] = []
+        held: list[Tensor] = []  # outputs stay alive during the probe: no pointer is reused
 
         def record(layer: nn.Module, _args: Any, out: Any) -> None:
             tensor = isinstance(out, Tensor)
             calls.append(
                 Call(layer, out.shape if tensor else None, out.data_ptr() if tensor else 0)
             )
+            if tensor:
+                held.append(out)
 
         # TorchScript code hides its calls (and refuses hooks): no layers are known there
         handles = (
@@ -448,11 +451,30 @@ class Engine:
             and len(call.shape) == 4
             and call.shape[-1] * call.shape[-2] > 1
         ]
+        after = self.calls[self.calls.index(maps[-1]) + 1 :] if maps else self.calls
+        tokens = [
+            names[id(c.module)]
+            for c in after
+            if id(c.module) in names and c.shape is not None and len(c.shape) == 3
+            and c.shape[1] > 1
+        ]  # fmt: skip
+        if tokens:  # a transformer: its last feature maps are tokens (B, N, C)
+            # the last block's first norm, as pytorch-grad-cam's documentation advises for
+            # ViTs: the tokens the last attention mixes into the class token (later ones no
+            # longer reach it)
+            firsts = [name for name in tokens if name.endswith("norm1")]
+            if firsts:
+                return self.model.layer(firsts[-1])
+            raise RequestError(
+                "the model's last feature maps are tokens (B, N, C), not (B, C, h, w): pass "
+                "layer=NAME (tokens on a square grid are reshaped; reshape= otherwise)"
+            )
         if not maps:
             return None
         last = maps[-1]
         same = [c.module for c in maps if (c.shape, c.pointer) == (last.shape, last.pointer)]
-        return min(same, key=lambda m: names[id(m)].count("."))
+        # nearest the root; among equals the last (an in-place activation after a norm)
+        return min(reversed(same), key=lambda m: names[id(m)].count("."))
 
     def forward(self, x: Tensor, grad: bool = False) -> Tensor:
         """The logits for one batch (float32, or float64 for a float64 model), counted; with

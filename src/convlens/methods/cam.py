@@ -12,6 +12,7 @@ choices each paper makes are recorded in ``Explanation.params``.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -94,10 +95,14 @@ class CAMMethod(Method):
     reads_inside = True
     reduction = "sum"
     multi_layer: ClassVar[bool] = False
-    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True, "reshape": None}
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> None:
+        if params.get("reshape") is not None and not callable(params["reshape"]):
+            raise RequestTypeError(
+                f"reshape must be a function (B, ...) -> (B, C, h, w), not {params['reshape']!r}"
+            )
         if "relu" in params and not isinstance(params["relu"], bool):
             raise RequestTypeError(f"relu must be True or False, not {params['relu']!r}")
         layers = params["layer"]
@@ -140,10 +145,37 @@ class CAMMethod(Method):
             if key not in captured:
                 name = self.model.layer_name(layer)
                 raise RequestError(f"layer {name!r} was not called in the forward pass")
-            if not isinstance(captured[key], Tensor) or captured[key].dim() != 4:
+            if not isinstance(captured[key], Tensor) or captured[key].dim() not in (3, 4):
                 name = self.model.layer_name(layer)
-                raise RequestError(f"layer {name!r} does not output a (B, C, H, W) tensor")
+                raise RequestError(
+                    f"layer {name!r} outputs neither feature maps (B, C, h, w) nor tokens (B, N, C)"
+                )
         return list(layers), [self.model.layer_name(layer) for layer in layers.values()]
+
+    def grid(self, t: Tensor) -> Tensor:
+        """A layer's output as feature maps (B, C, h, w): as it is, through ``reshape``, or,
+        for tokens (B, N, C) of a vision transformer, the patch tokens on their square grid
+        (a leading class token dropped)."""
+        reshape = self.params.get("reshape")
+        if reshape is not None:
+            out = reshape(t)
+            if not isinstance(out, Tensor) or out.dim() != 4 or len(out) != len(t):
+                raise RequestError("reshape must return feature maps (B, C, h, w)")
+            return out
+        if t.dim() == 4:
+            return t
+        b, n, c = t.shape
+        side = math.isqrt(n - 1)
+        if side * side == n - 1 and side > 0:
+            t = t[:, 1:]  # the class token
+        else:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise RequestError(
+                    f"tokens of shape {tuple(t.shape)} do not form a square grid (with or "
+                    "without a class token); pass reshape=function -> (B, C, h, w)"
+                )
+        return t.reshape(b, side, side, c).permute(0, 3, 1, 2)
 
     @staticmethod
     def resolved(names: list[str]) -> dict[str, Any]:
@@ -164,7 +196,7 @@ class CAMMethod(Method):
             step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
             keys, names = self._chosen(step.captured, layers)
             calls = step.captured.calls[keys[0]]
-            parts.append([step.captured[key].float() for key in keys])
+            parts.append([self.grid(step.captured[key]).float() for key in keys])
             scores.append(step.scores)
             resolved += step.targets
         activations = [torch.cat([part[i] for part in parts]) for i in range(len(keys))]
@@ -198,10 +230,11 @@ class GradientCAM(CAMMethod):
         activations = [step.captured[key] for key in keys]
         gradients = torch.autograd.grad(step.scores.sum(), activations, allow_unused=True)
         gradients = [
-            torch.zeros_like(a).float() if g is None else g.float()
+            self.grid(torch.zeros_like(a) if g is None else g).float()
             for a, g in zip(activations, gradients, strict=True)
         ]
-        return [a.detach().float() for a in activations], gradients, step.targets, names
+        activations = [self.grid(a.detach()).float() for a in activations]
+        return activations, gradients, step.targets, names
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         maps, resolved = [], []
@@ -297,7 +330,12 @@ class LayerCAM(GradientCAM):
 
     description = "Layer-CAM: positive-gradient weighting, fuses layers (Jiang et al. 2021)"
     multi_layer = True
-    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": True, "gamma": 2.0}
+    defaults: ClassVar[dict[str, Any]] = {
+        "layer": None,
+        "relu": True,
+        "reshape": None,
+        "gamma": 2.0,
+    }
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> None:
@@ -327,7 +365,7 @@ class CAM(CAMMethod):
     """
 
     description = "class activation map from a GAP + linear head (Zhou et al. 2016)"
-    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False, "reshape": None}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         layers = self._layers()
@@ -339,8 +377,10 @@ class CAM(CAMMethod):
                 with capture(linears, inputs=True) as features:
                     step = self.engine.evaluate(x[start:stop], targets[start:stop], layers=layers)
                 (key,), names = self._chosen(step.captured, layers)
-                activations = step.captured[key].float()
-                weights = self._class_weights(activations, step.output, features, linears)
+                activations = self.grid(step.captured[key]).float()
+                activations, weights = self._class_weights(
+                    activations, step.output, features, linears
+                )
                 rows = torch.stack([self._row_weights(t, weights) for t in step.targets])
                 maps.append(self.finish([weighted_sum(activations, rows)], x.shape[-2:]))
                 resolved += step.targets
@@ -348,7 +388,9 @@ class CAM(CAMMethod):
 
     def _class_weights(
         self, activations: Tensor, output: Tensor, features: Captured, linears: dict
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """The maps the head pools (the layer's, or rectified where a functional ReLU stands
+        between the layer and the pooling, as in DenseNet) and the head's weights."""
         refusal = (
             "cam needs a network whose output is one linear layer applied to the global average "
             "pooling of the explained layer (Zhou et al. 2016); {why}. Use 'gradcam', which "
@@ -357,17 +399,23 @@ class CAM(CAMMethod):
         if not features.order:
             raise RequestError(refusal.format(why="this network has no nn.Linear"))
         head = linears[features.order[-1]]
-        pooled = activations.mean(dim=(2, 3))
         inputs = features[features.order[-1]].float()
-        scale = pooled.abs().max().clamp(min=1e-12)
         low = head.weight.dtype not in (torch.float32, torch.float64)  # half precision
         rtol = 3e-2 if low else 1e-4
-        if inputs.shape != pooled.shape or not torch.allclose(
-            inputs, pooled, rtol=rtol, atol=rtol * 0.1 * scale
-        ):
-            raise RequestError(
-                refusal.format(why="its last linear layer does not read that pooling")
+
+        def pools(maps: Tensor) -> bool:
+            pooled = maps.mean(dim=(2, 3))
+            scale = pooled.abs().max().clamp(min=1e-12)
+            return inputs.shape == pooled.shape and torch.allclose(
+                inputs, pooled, rtol=rtol, atol=rtol * 0.1 * scale
             )
+
+        if not pools(activations):
+            if not pools(activations.clamp(min=0)):
+                raise RequestError(
+                    refusal.format(why="its last linear layer does not read that pooling")
+                )
+            activations = activations.clamp(min=0)
         if output.shape != (inputs.shape[0], head.out_features) or not torch.allclose(
             F.linear(inputs.to(head.weight.dtype), head.weight, head.bias).float(),  # no call
             output,
@@ -375,7 +423,7 @@ class CAM(CAMMethod):
             atol=rtol * 0.1 * output.abs().max(),
         ):
             raise RequestError(refusal.format(why="its last linear layer is not the output"))
-        return head.weight.float()
+        return activations, head.weight.float()
 
     @staticmethod
     def _row_weights(target: Target, weights: Tensor) -> Tensor:
@@ -487,9 +535,10 @@ class _Ablations(_ChannelScores):
 
     def around(self, made: Any) -> AbstractContextManager[Any]:
         def ablate(output: Tensor) -> Tensor:
-            output = output.clone()
-            output[torch.arange(len(made)), made.to(output.device)] = 0
-            return output
+            keep = torch.ones(len(made), output.shape[1 if output.dim() == 4 else -1])
+            keep[torch.arange(len(made)), made] = 0  # channels: dim 1, or the tokens' last
+            shape = (*keep.shape, 1, 1) if output.dim() == 4 else (len(made), 1, keep.shape[1])
+            return output * keep.view(shape).to(output)
 
         return edit_output(self.layer, ablate, self.calls)
 
@@ -532,7 +581,7 @@ class EigenCAM(CAMMethod):
     """
 
     description = "Eigen-CAM: first principal component of the activations (Muhammad 2020)"
-    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False, "reshape": None}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         with self.engine.task(len(x)):
@@ -564,11 +613,11 @@ class GuidedGradCAM(CAMMethod):
 
     description = "guided backprop x Grad-CAM (Selvaraju et al. 2017)"
     reduction = "max_abs"
-    defaults: ClassVar[dict[str, Any]] = {"layer": None}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None, "reshape": None}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         with self.engine.task(2 * len(x)):
-            gradcam = GradCAM(self.engine, {"layer": self.params["layer"], "relu": True})
+            gradcam = GradCAM(self.engine, {**self.params, "relu": True})
             maps = gradcam.explain(x, targets)
             guided = GuidedBackprop(self.engine, {}).explain(x, maps.targets)
         return Result(guided.attribution * maps.attribution, maps.targets, maps.resolved)
