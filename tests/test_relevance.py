@@ -532,7 +532,8 @@ def test_in_place_residual_additions_split_relevance_like_plain_ones():
 
 
 class Gated(nn.Module):
-    """A squeeze-and-excitation style gate, x * sigmoid(...): LRP has no rule for it."""
+    """A gate of the signal's own size, x * sigmoid(conv(x)): LRP has no rule for it (its gate
+    rule is for a gate that broadcasts over the signal, as in squeeze-and-excitation)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -967,3 +968,26 @@ def test_lrp_conservation_is_judged_against_the_logit_not_the_largest_term():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_unless_conserved(one, one * 100.5, one * -99.5)  # conserved
+
+
+def test_lrp_passes_activations_and_gives_squeeze_excitation_gates_nothing():
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    model = EfficientGates().eval()
+    e = cl.explain(model, x, "lrp", composite="epsilon", target=[1, 3], low=0.0, high=1.0)
+    inputs, absorbed, logit = (torch.tensor(e.extras[k]) for k in
+                               ("input_relevance", "absorbed", "logit"))  # fmt: skip
+    torch.testing.assert_close(inputs + absorbed, logit, rtol=1e-4, atol=1e-6)
+    # a layer scale (a product with a constant) passes relevance unchanged
+    ref = cl.explain(model, x, "lrp", composite="epsilon", target=1, low=0.0, high=1.0)
+
+    class LayerScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.gamma = model, nn.Parameter(torch.full((4,), 0.5))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.net(t) * self.gamma
+
+    half = cl.explain(LayerScale().eval(), x, "lrp", composite="epsilon", target=1, low=0.0,
+                      high=1.0)  # fmt: skip
+    torch.testing.assert_close(half.attribution, ref.attribution * 0.5)

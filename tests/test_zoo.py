@@ -36,25 +36,13 @@ from convlens.checks import RequestError
 # (touched, crash, result, invariant, layer), and the test must fail with that kind.
 KNOWN: dict[tuple[str, str], str] = {
     # LRP: operations without a rule pass relevance on as a plain gradient (LRP warns)
-    ("mobilenet_v3", "lrp"): (
-        "invariant: not conserved (input -4.30 + absorbed -2.07 vs logit -4.91): Hardswish and "
-        "the SE's Hardsigmoid gate (scale * input) have no LRP rule"
-    ),
-    ("efficientnet_b0", "lrp"): (
-        "invariant: not conserved (input 0.84 + absorbed 0.10 vs logit 4.25): SiLU and the SE's "
-        "sigmoid gate (scale * input) have no LRP rule"
-    ),
-    ("regnet_y", "lrp"): (
-        "invariant: not conserved (input 1.76 + absorbed 1.47 vs logit 2.66): the SE's sigmoid "
-        "gate (scale * input) has no LRP rule (conserved with the SE removed)"
-    ),
     ("convnext", "lrp"): (
         "invariant: not conserved (input ~1e-6 + absorbed -3.75 vs logit -3.48): "
-        "LayerNorm/LayerNorm2d, GELU and the layer_scale product have no LRP rule"
+        "LayerNorm/LayerNorm2d has no LRP rule (GELU and the layer scale pass relevance now)"
     ),
     ("vit", "lrp"): (
         "invariant: not conserved (input 2967 + absorbed 12799 vs logit 5.0): attention "
-        "(softmax(q k^T), attn @ v), LayerNorm and GELU have no LRP rule"
+        "(softmax(q k^T), attn @ v) and LayerNorm have no LRP rule"
     ),
 }
 

@@ -31,6 +31,7 @@ __all__ = [
     "call_order",
     "capture",
     "edit_output",
+    "elementwise",
     "frozen",
     "override_rectifiers",
     "replace_rectifiers",
@@ -203,6 +204,19 @@ NONLINEARITIES = {
 Other = Callable[[Callable[..., Any], tuple, dict], Any]
 
 
+def elementwise(
+    func: Callable[..., Tensor], args: tuple, kwargs: dict
+) -> tuple[Tensor, Callable[[Tensor], Tensor], bool]:
+    """A call of a :data:`NONLINEARITIES` function as its input, the out-of-place function of
+    one tensor it computes, and whether the call was in place (``sigmoid_``, ``inplace=True``)."""
+    x, rest = args[0], args[1:]
+    options = {k: v for k, v in kwargs.items() if k != "inplace"}
+    name = getattr(func, "__name__", "")
+    inplace = bool(kwargs.get("inplace", False)) or name.endswith("_")
+    plain = getattr(torch, name.rstrip("_")) if name.endswith("_") else func
+    return x, lambda t: plain(t, *rest, **options), inplace
+
+
 class _RectifierMode(TorchFunctionMode):
     """Every rectifier call, max(0, x) or min(max(0, x), upper), goes to ``apply(x, upper)``;
     ``seen`` (if given) receives each result."""
@@ -245,13 +259,18 @@ class _RectifierMode(TorchFunctionMode):
 
 @contextmanager
 def override_rectifiers(
-    rule: BackwardRule, seen: Callable[[Tensor], None] | None = None, refuse: str | None = None
+    rule: BackwardRule,
+    seen: Callable[[Tensor], None] | None = None,
+    refuse: str | None = None,
+    other: Other | None = None,
 ) -> Iterator[None]:
     """Within the block, every rectifier's backward pass follows ``rule``; ``seen`` (if given)
     receives every rectifier's output, a tensor known to be non-negative. With ``refuse`` (the
     method's name), any other elementwise nonlinearity (SiLU, GELU, hard-swish, a sigmoid
     gate, ...) stops the forward pass with a one-line error naming it: the rule is defined for
-    rectifiers, and elsewhere the method would silently be the plain gradient.
+    rectifiers, and elsewhere the method would silently be the plain gradient. With ``other``,
+    such calls are computed by ``other(func, args, kwargs)`` instead (LRP passes relevance
+    through them).
 
     Example:
         >>> with override_rectifiers(rules.guided):
@@ -266,7 +285,7 @@ def override_rectifiers(
         )
 
     apply = lambda x, upper: _Rectifier.apply(x, upper, rule)  # noqa: E731
-    with _RectifierMode(apply, seen, refusal if refuse else None):
+    with _RectifierMode(apply, seen, refusal if refuse else other):
         yield
 
 

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, RequestTypeError, finite, positive_int
-from convlens.hooks import Captured, replace_rectifiers
+from convlens.hooks import Captured, elementwise, replace_rectifiers
 from convlens.methods.base import Method, Result
 from convlens.registry import register
 from convlens.targets import Predicted, Target, score_rows
@@ -123,11 +123,8 @@ class _RescaleAny(torch.autograd.Function):
 
 def _nonlinearity(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:
     """An elementwise nonlinearity call under DeepLIFT's rescale rule (in place if asked)."""
-    x, rest = args[0], args[1:]
-    options = {k: v for k, v in kwargs.items() if k != "inplace"}
-    inplace = bool(kwargs.get("inplace", False)) or func.__name__.endswith("_")
-    plain = getattr(torch, func.__name__.rstrip("_"), None) if inplace else func
-    out = _RescaleAny.apply(x, lambda t: (plain or func)(t, *rest, **options))
+    x, compute, inplace = elementwise(func, args, kwargs)
+    out = _RescaleAny.apply(x, compute)
     return x.copy_(out) if inplace else out
 
 

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from convlens.checks import RequestError
-from convlens.hooks import override_rectifiers
+from convlens.hooks import elementwise, override_rectifiers
 
 from .maps import LINEAR, LinearMap, Merge, affine_map, bind, fold, per_row, stabilise
 from .rules import Epsilon, Rule
@@ -142,6 +142,25 @@ class _Proportional(torch.autograd.Function):
 _ADDS = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
 _ADDS_IN_PLACE = {Tensor.__iadd__, Tensor.add_}  # ResNet's ``out += identity``
 _MEANS = {Tensor.mean, torch.mean}
+_PRODUCTS = {Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul}
+_PRODUCTS_IN_PLACE = {Tensor.__imul__, Tensor.mul_}
+_QUOTIENTS = {Tensor.__truediv__, Tensor.div, torch.div}
+
+
+class _Gate(torch.autograd.Function):
+    """signal x gate (a squeeze-and-excitation gate): all relevance to the signal, none to
+    the gate, the signal-take-all rule of Arras et al. 2017 ("Explaining Recurrent Neural
+    Network Predictions in Sentiment Analysis", WASSA) for multiplicative gates."""
+
+    @staticmethod
+    def forward(ctx: Any, signal: Tensor, gate: Tensor) -> Tensor:
+        return signal * gate
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
+        return relevance, None
+
+
 _CONV = "input weight bias stride padding dilation groups", (None, None, None, 1, 0, 1, 1)
 _LINEAR = "input weight bias", (None, None, None)
 _BATCH_NORM = (
@@ -177,6 +196,7 @@ class _LRPMode(TorchFunctionMode):
             F.pad: self._pad,
             **dict.fromkeys(_ADDS | _ADDS_IN_PLACE, self._add),
             **dict.fromkeys(_MEANS, self._mean),
+            **dict.fromkeys(_PRODUCTS | _PRODUCTS_IN_PLACE | _QUOTIENTS, self._product),
         }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -309,9 +329,42 @@ class _LRPMode(TorchFunctionMode):
 
         return _Proportional.apply(mean, self.epsilon, self.ledger, args[0])
 
+    def _product(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+        """A product with a constant (a layer scale) or a quotient by one passes relevance
+        unchanged (the epsilon rule of a map without bias); a product of a signal and a smaller
+        gate that broadcasts over it gives all relevance to the signal (:class:`_Gate`).
+        Other products keep their gradient, and LRP's conservation check then says so."""
+        if len(args) != 2 or kwargs:
+            return None
+        a, b = args
+        varying = [isinstance(t, Tensor) and t.requires_grad for t in (a, b)]
+        if func in _QUOTIENTS and varying != [True, False]:
+            return None
+        inplace = func in _PRODUCTS_IN_PLACE
+        source = a.clone() if inplace else a
+        if all(varying):
+            if a.numel() == b.numel():
+                return None
+            signal, gate = (source, b) if a.numel() > b.numel() else (b, source)
+            out = _Gate.apply(signal, gate)
+        elif any(varying):
+            x, c = (source, b) if varying[0] else (b, source)
+            out = _Through.apply(x, lambda t: func(t, c) if x is source else func(c, t))
+        else:
+            return None
+        return a.copy_(out) if inplace else out
+
 
 def _pass_through(grad: Tensor, through: Callable[[Tensor], Tensor]) -> Tensor:
     return grad
+
+
+def _activation(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:
+    """An elementwise activation (SiLU, GELU, hard-swish, sigmoid, ...) passes relevance
+    through unchanged, as rectifiers do (zennit's Pass rule)."""
+    x, compute, inplace = elementwise(func, args, kwargs)
+    out = _Through.apply(x, compute)
+    return x.copy_(out) if inplace else out
 
 
 @contextmanager
@@ -362,7 +415,8 @@ def lrp_context(
     handles = [m.register_forward_pre_hook(computed_weight) for m in computed]
     handles += [m.register_forward_hook(check) for m in names]
     try:
-        with parametrize.cached(), override_rectifiers(_pass_through, mode.rectified), mode:
+        rectifiers = override_rectifiers(_pass_through, mode.rectified, other=_activation)
+        with parametrize.cached(), rectifiers, mode:
             yield
     finally:
         for handle in handles:
