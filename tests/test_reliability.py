@@ -355,8 +355,10 @@ def test_train_refuses_an_out_in_a_folder_it_cannot_write(
         monkeypatch.setattr(
             os,
             "access",
-            lambda path, mode, **kw: not (mode & os.W_OK and locked == pathlib.Path(path))
-            and real_access(path, mode, **kw),
+            lambda path, mode, **kw: (
+                not (mode & os.W_OK and locked == pathlib.Path(path))
+                and real_access(path, mode, **kw)
+            ),
         )
     try:
         args = ["train", str(data), "--out", str(locked / "model.pt")]

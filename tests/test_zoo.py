@@ -34,17 +34,7 @@ from convlens.checks import RequestError
 # What fails today, by (family, method) for the matrix, (family, "default_layer") for the
 # CAM default layer. Each value is "<kind>: what fails and why"; kind is one of KINDS' keys
 # (touched, crash, result, invariant, layer), and the test must fail with that kind.
-KNOWN: dict[tuple[str, str], str] = {
-    # LRP: operations without a rule pass relevance on as a plain gradient (LRP warns)
-    ("convnext", "lrp"): (
-        "invariant: not conserved (input ~1e-6 + absorbed -3.75 vs logit -3.48): "
-        "LayerNorm/LayerNorm2d has no LRP rule (GELU and the layer scale pass relevance now)"
-    ),
-    ("vit", "lrp"): (
-        "invariant: not conserved (input 2967 + absorbed 12799 vs logit 5.0): attention "
-        "(softmax(q k^T), attn @ v) and LayerNorm have no LRP rule"
-    ),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 class ZooFailure(AssertionError):

@@ -139,12 +139,32 @@ class _Proportional(torch.autograd.Function):
         return (None, None, None, *shares)
 
 
+class _Joined(torch.autograd.Function):
+    """A concatenation of varying tensors and constants (a class token): each part gets its
+    own slice of relevance; what falls on constants is absorbed, like a bias's share."""
+
+    @staticmethod
+    def forward(ctx: Any, ledger: Ledger, dim: int, varying: list[bool], *parts: Tensor) -> Tensor:
+        ctx.ledger, ctx.dim, ctx.varying = ledger, dim, varying
+        ctx.sizes = [p.shape[dim] for p in parts]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Any, ...]:
+        shares = relevance.split(ctx.sizes, ctx.dim)
+        passed = [s for s, v in zip(shares, ctx.varying, strict=True) if v]
+        ctx.ledger.add(relevance, *passed)
+        kept = (s if v else None for s, v in zip(shares, ctx.varying, strict=True))
+        return (None, None, None, *kept)
+
+
 _ADDS = {Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add}
 _ADDS_IN_PLACE = {Tensor.__iadd__, Tensor.add_}  # ResNet's ``out += identity``
 _MEANS = {Tensor.mean, torch.mean}
 _PRODUCTS = {Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul}
 _PRODUCTS_IN_PLACE = {Tensor.__imul__, Tensor.mul_}
 _QUOTIENTS = {Tensor.__truediv__, Tensor.div, torch.div}
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm}
 
 
 class _Gate(torch.autograd.Function):
@@ -163,6 +183,7 @@ class _Gate(torch.autograd.Function):
 
 _CONV = "input weight bias stride padding dilation groups", (None, None, None, 1, 0, 1, 1)
 _LINEAR = "input weight bias", (None, None, None)
+_LAYER_NORM = "input normalized_shape weight bias eps", (None, None, None, None, 1e-5)
 _BATCH_NORM = (
     "input running_mean running_var weight bias training momentum eps",
     (None, None, None, None, None, False, 0.1, 1e-5),
@@ -197,6 +218,9 @@ class _LRPMode(TorchFunctionMode):
             **dict.fromkeys(_ADDS | _ADDS_IN_PLACE, self._add),
             **dict.fromkeys(_MEANS, self._mean),
             **dict.fromkeys(_PRODUCTS | _PRODUCTS_IN_PLACE | _QUOTIENTS, self._product),
+            F.layer_norm: self._layer_norm,
+            **dict.fromkeys(_MATMULS, self._attention),
+            torch.cat: self._cat,
         }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -328,6 +352,58 @@ class _LRPMode(TorchFunctionMode):
             return t.mean(dim=dims, keepdim=keep) if dims is not None else t.mean()
 
         return _Proportional.apply(mean, self.epsilon, self.ledger, args[0])
+
+    def _layer_norm(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        """LayerNorm with its standard deviation held fixed, a linear map (centring and
+        scaling) plus its bias, under the epsilon rule: the LN-rule of Ali et al. 2022, "XAI
+        for Transformers: Better Explanations through Conservative Propagation" (ICML)."""
+        call = bind(*_LAYER_NORM, args, kwargs)
+        x, gamma, beta = call["input"], call["weight"], call["bias"]
+        dims = tuple(range(-len(call["normalized_shape"]), 0))
+        sigma = (x.var(dim=dims, unbiased=False, keepdim=True) + call["eps"]).sqrt().detach()
+
+        def centred(t: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+            y = (t - t.mean(dim=dims, keepdim=True)) / sigma
+            y = y if gamma is None else y * gamma
+            return y if b is None else y + b
+
+        rest = {k: v for k, v in call.items() if k != "input"}
+        compute = lambda t: func(t, **rest)  # noqa: E731
+        return self._layer(x, compute, self.plain, LinearMap(centred), lambda: (None, beta))
+
+    def _cat(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+        parts = list(args[0]) if args else list(kwargs.get("tensors", []))
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        varying = [isinstance(p, Tensor) and p.requires_grad for p in parts]
+        if all(varying) or not any(varying) or not all(isinstance(p, Tensor) for p in parts):
+            return None
+        return _Joined.apply(self.ledger, dim, varying, *parts)
+
+    def _attention(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+        """Attention weights (a softmax output) times values: the weights held fixed, the
+        product is a linear map of the values under the epsilon rule, and no relevance goes
+        to the weights (the AH-rule of Ali et al. 2022). Other products of matrices keep
+        their gradient."""
+        if len(args) != 2 or kwargs:
+            return None
+        a, b = args
+
+        def softmax(t: Any) -> bool:
+            return isinstance(t, Tensor) and type(t.grad_fn).__name__.startswith("Softmax")
+
+        if softmax(a) and isinstance(b, Tensor) and b.requires_grad:
+            weights = a.detach()
+            linear = LinearMap(lambda t, w, bias: func(weights, t))
+            return self._layer(
+                b, lambda t: func(weights, t), self.plain, linear, lambda: (None, None)
+            )
+        if softmax(b) and isinstance(a, Tensor) and a.requires_grad:
+            weights = b.detach()
+            linear = LinearMap(lambda t, w, bias: func(t, weights))
+            return self._layer(
+                a, lambda t: func(t, weights), self.plain, linear, lambda: (None, None)
+            )
+        return None
 
     def _product(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
         """A product with a constant (a layer scale) or a quotient by one passes relevance
