@@ -295,3 +295,17 @@ def test_zoo_models_are_small_fast_deterministic_and_in_eval_mode(family):
         model.state_dict().items(), again.state_dict().values(), strict=True
     ):
         assert torch.equal(value, other), name
+
+
+def test_the_readme_table_is_the_zoo_run():
+    """The README's architecture table is generated (scripts/zoo_table.py), not written."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from zoo_table import table
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    assert table() in (root / "README.md").read_text(), "run scripts/zoo_table.py, update README"
