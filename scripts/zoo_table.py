@@ -29,7 +29,7 @@ from convlens.registry import FAMILIES
 REASONS = [
     (r"applies (\w+)", r"\1"),
     (r"no rule for (\w+)", r"\1"),
-    (r"sum to .* not f\(x\)", "functional max pooling"),
+    (r"sum to .* not f\(x\)", "an operation without a rule"),
     (r"does not read that pooling", "no GAP + linear head"),
 ]
 

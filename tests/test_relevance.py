@@ -991,3 +991,25 @@ def test_lrp_passes_activations_and_gives_squeeze_excitation_gates_nothing():
     half = cl.explain(LayerScale().eval(), x, "lrp", composite="epsilon", target=1, low=0.0,
                       high=1.0)  # fmt: skip
     torch.testing.assert_close(half.attribution, ref.attribution * 0.5)
+
+
+class FunctionalPool(nn.Module):
+    """Max pooling called as a function (as Inception's blocks do), with overlapping windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(torch.relu(self.conv(x)), kernel_size=3, stride=2)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_deeplift_through_functional_max_pooling_sums_to_delta():
+    x = torch.randn(2, 3, 9, 9)
+    e = cl.explain(FunctionalPool().eval(), x, "deeplift", target=1, baseline=-x.flip(-1))
+    torch.testing.assert_close(
+        e.attribution.sum(dim=(1, 2, 3)).double(), torch.tensor(e.extras["delta"]).double(),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip

@@ -21,6 +21,7 @@ from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, RequestTypeError, finite, positive_int
 from convlens.hooks import Captured, elementwise, replace_rectifiers
 from convlens.methods.base import Method, Result
+from convlens.methods.relevance.maps import bind
 from convlens.registry import register
 from convlens.targets import Predicted, Target, score_rows
 
@@ -60,18 +61,17 @@ class _MaxPoolDelta(torch.autograd.Function):
     y - max(y, y0)), then is divided by each position's x - x0 (the gradient where x = x0)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, out: Tensor, pool: nn.MaxPool2d) -> Tensor:
+    def forward(ctx: Any, x: Tensor, args: tuple) -> Tensor:
+        out = F.max_pool2d(x, *args)
         ctx.save_for_backward(x)
-        ctx.pool, ctx.out = pool, out.detach()
-        # a new tensor, not a view: the model may add to it in place (Xception's x += skip),
-        # which changes the copy and never the output kept for the backward pass
-        return out.clone()
+        # the output is kept apart: the model may add to it in place (Xception's x += skip)
+        ctx.args, ctx.out = args, out.detach().clone()
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        pool = ctx.pool
-        args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        args = ctx.args
         _, indices = F.max_pool2d(x, *args, return_indices=True)
         y, y0 = ctx.out.chunk(2)
         top = torch.max(y, y0)
@@ -92,7 +92,7 @@ class _MaxPoolDelta(torch.autograd.Function):
         multiplier = torch.where(
             dx.abs() < DELTA_EPS, gradient.chunk(2)[0], share / torch.where(dx == 0, 1, dx)
         )
-        return torch.cat([multiplier, multiplier]), None, None
+        return torch.cat([multiplier, multiplier]), None
 
 
 class _RescaleAny(torch.autograd.Function):
@@ -128,6 +128,10 @@ def _nonlinearity(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Ten
     return x.copy_(out) if inplace else out
 
 
+_MAX_POOL = (
+    "input kernel_size stride padding dilation ceil_mode return_indices",
+    (None, None, None, 0, 1, False, False),
+)
 _PRODUCTS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
 _IN_PLACE_PRODUCTS = {Tensor.mul_, Tensor.__imul__}
 # operations whose output change DeepLIFT has no rule to split: of one varying input
@@ -159,6 +163,11 @@ class _DeltaMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         varying = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+        if func is F.max_pool2d and varying:  # nn.MaxPool2d or the function, as Inception
+            call = bind(*_MAX_POOL, args, kwargs)
+            if not call["return_indices"]:
+                names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+                return _MaxPoolDelta.apply(call["input"], tuple(call[n] for n in names))
         if (func in _WITHOUT_RULE_1 and varying) or (func in _WITHOUT_RULE_2 and len(varying) > 1):
             raise RequestError(
                 f"deeplift has no rule for {func.__name__} of varying tensors in this model, so "
@@ -181,19 +190,9 @@ def deeplift_context(module: nn.Module) -> Iterator[None]:
     max pooling, the Shapley split of products (gates); other operations without a rule are
     refused by name."""
 
-    def hook(pool: nn.Module, args: Any, out: Tensor) -> Tensor:
-        return _MaxPoolDelta.apply(args[0], out, pool)
-
-    handles = [
-        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.MaxPool2d)
-    ]
-    try:
-        rescale = replace_rectifiers(lambda x, upper: _Rescale.apply(x, upper), _nonlinearity)
-        with rescale, _DeltaMode():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    rescale = replace_rectifiers(lambda x, upper: _Rescale.apply(x, upper), _nonlinearity)
+    with rescale, _DeltaMode():
+        yield
 
 
 def _reference_set(value: Any, x: Tensor, what: str) -> Tensor:
@@ -307,8 +306,8 @@ def _check_summation(attribution: Tensor, delta: Tensor, rtol: float) -> None:
         i = int(bad.nonzero()[0])
         raise RequestError(
             f"deeplift's attributions sum to {sums[i]:.4g}, not f(x) - f(x0) = {delta[i]:.4g} "
-            f"(input {i}): the model has an operation without a DeepLIFT rule (e.g. functional "
-            "max pooling or a maximum); use integrated_gradients or gradient_shap"
+            f"(input {i}): the model has an operation without a DeepLIFT rule (e.g. a maximum "
+            "over a tensor, amax); use integrated_gradients or gradient_shap"
         )
 
 
