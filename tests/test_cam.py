@@ -377,3 +377,31 @@ def test_vit_tokens_are_reshaped_to_their_grid_or_by_the_callers_function():
     assert auto.attribution.abs().sum() > 0
     with pytest.raises(ValueError, match="reshape must return feature maps"):
         cl.explain(model, x, "gradcam", layer="blocks.3.norm1", target=1, reshape=lambda t: t)
+
+
+class SwinLike(nn.Module):
+    """Swin's layout: patch embedding, then blocks on (B, h, w, C) grids, a final LayerNorm and
+    a head that pools over h and w."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(3, 6, 2, stride=2)
+        self.block = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 6), nn.GELU())
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.patch(x).permute(0, 2, 3, 1)  # (B, 4, 4, 6)
+        grid = self.norm(grid + self.block(grid))
+        return self.head(grid.mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam", "eigencam"])
+def test_swin_grids_are_read_as_b_h_w_c(x, method):
+    model = SwinLike().eval()
+    auto = cl.explain(model, x, method, target=[1, 2, 3])
+    assert auto.layer == "norm"  # the last map the head pools, (B, 4, 4, 6)
+    given = cl.explain(model, x, method, target=[1, 2, 3], layer="norm",
+                       reshape=lambda t: t.permute(0, 3, 1, 2))  # fmt: skip
+    close(auto.attribution, given.attribution)

@@ -50,6 +50,7 @@ __all__ = [
     "Pass",
     "Sampler",
     "Scored",
+    "channels_last_grid",
     "default_batch_size",
     "freed_memory_kept",
     "keep_freed_memory",
@@ -449,7 +450,7 @@ class Engine:
             and not isinstance(call.module, _NOT_FEATURES)
             and call.shape is not None
             and len(call.shape) == 4
-            and call.shape[-1] * call.shape[-2] > 1
+            and _area(call.shape) > 1
         ]
         after = self.calls[self.calls.index(maps[-1]) + 1 :] if maps else self.calls
         tokens = [
@@ -580,6 +581,17 @@ class Engine:
         collected = _Made(positive_int("n", n), make_inputs)
         self.stream(collected, target, score)
         return collected.scores
+
+
+def channels_last_grid(shape: Sequence[int]) -> bool:
+    """Whether a 4-D output is (B, h, w, C), as Swin-style transformers and permuted
+    LayerNorms give, rather than (B, C, h, w): its middle sides agree and the last differs."""
+    return len(shape) == 4 and shape[1] == shape[2] and shape[2] != shape[3]
+
+
+def _area(shape: Sequence[int]) -> int:
+    """h * w of a 4-D feature map in either layout."""
+    return shape[1] * shape[2] if channels_last_grid(shape) else shape[2] * shape[3]
 
 
 def _layout_key(module: nn.Module, x: Tensor) -> tuple[Any, ...]:

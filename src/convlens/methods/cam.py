@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens.checks import RequestError, RequestTypeError, finite
-from convlens.engine import Score, Scored
+from convlens.engine import Score, Scored, channels_last_grid
 from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method, Result
 from convlens.methods.gradient import GuidedBackprop
@@ -153,9 +153,9 @@ class CAMMethod(Method):
         return list(layers), [self.model.layer_name(layer) for layer in layers.values()]
 
     def grid(self, t: Tensor) -> Tensor:
-        """A layer's output as feature maps (B, C, h, w): as it is, through ``reshape``, or,
-        for tokens (B, N, C) of a vision transformer, the patch tokens on their square grid
-        (a leading class token dropped)."""
+        """A layer's output as feature maps (B, C, h, w): as it is, through ``reshape``, from
+        a Swin-style grid (B, h, w, C), or, for tokens (B, N, C) of a vision transformer, the
+        patch tokens on their square grid (a leading class token dropped)."""
         reshape = self.params.get("reshape")
         if reshape is not None:
             out = reshape(t)
@@ -163,7 +163,7 @@ class CAMMethod(Method):
                 raise RequestError("reshape must return feature maps (B, C, h, w)")
             return out
         if t.dim() == 4:
-            return t
+            return t.permute(0, 3, 1, 2) if channels_last_grid(t.shape) else t
         b, n, c = t.shape
         side = math.isqrt(n - 1)
         if side * side == n - 1 and side > 0:
@@ -535,9 +535,10 @@ class _Ablations(_ChannelScores):
 
     def around(self, made: Any) -> AbstractContextManager[Any]:
         def ablate(output: Tensor) -> Tensor:
-            keep = torch.ones(len(made), output.shape[1 if output.dim() == 4 else -1])
-            keep[torch.arange(len(made)), made] = 0  # channels: dim 1, or the tokens' last
-            shape = (*keep.shape, 1, 1) if output.dim() == 4 else (len(made), 1, keep.shape[1])
+            last = output.dim() == 3 or channels_last_grid(output.shape)  # tokens, Swin grids
+            keep = torch.ones(len(made), output.shape[-1 if last else 1])
+            keep[torch.arange(len(made)), made] = 0
+            shape = (len(made), *[1] * (output.dim() - 2), -1) if last else (*keep.shape, 1, 1)
             return output * keep.view(shape).to(output)
 
         return edit_output(self.layer, ablate, self.calls)
