@@ -944,10 +944,36 @@ class FunctionalMax(nn.Module):
         return self.fc(self.conv(x).amax(dim=(2, 3)))
 
 
+def test_deeplift_sums_to_delta_through_layer_norm_and_softmax():
+    x = torch.randn(2, 3, 8, 8)
+    for model in (Normed().eval(), Attending().eval()):
+        e = cl.explain(model, x, "deeplift", target=[0, 1], baseline="blur")
+        torch.testing.assert_close(
+            e.attribution.sum(dim=(1, 2, 3)).double(), torch.tensor(e.extras["delta"]).double(),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+
+
+class Attending(nn.Module):
+    """Self-attention over a feature map's positions: softmax(q k^T / sqrt(d)) v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.qkv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 12), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)  # (B, N, 4)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        attention = (q @ k.transpose(1, 2) / 2).softmax(dim=-1)
+        return self.fc((attention @ v).mean(dim=1))
+
+
 def test_deeplift_refuses_operations_without_a_rule_by_name():
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(RequestError, match="no rule for layer_norm"):
-        cl.explain(Normed().eval(), x, "deeplift", target=0)
+    grouped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(RequestError, match="no rule for group_norm"):
+        cl.explain(grouped.eval(), x, "deeplift", target=0)
     with pytest.raises(RequestError, match="not f\\(x\\) - f\\(x0\\)"):
         # a reference whose maxima lie elsewhere: the plain gradient of amax then misses
         cl.explain(FunctionalMax().eval(), x, "deeplift", target=0, baseline=-x.flip(-1))

@@ -134,17 +134,14 @@ _MAX_POOL = (
 )
 _PRODUCTS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
 _IN_PLACE_PRODUCTS = {Tensor.mul_, Tensor.__imul__}
-# operations whose output change DeepLIFT has no rule to split: of one varying input
-# (normalisations, softmax) and of two (products of matrices, quotients, attention)
-_WITHOUT_RULE_1 = {
-    F.layer_norm, F.group_norm, F.instance_norm, F.softmax, F.log_softmax, torch.softmax,
-    Tensor.softmax,
-}  # fmt: skip
-_WITHOUT_RULE_2 = {
-    torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm, torch.einsum, torch.div,
-    Tensor.div, Tensor.__truediv__, F.scaled_dot_product_attention,
-    F.multi_head_attention_forward,
-}  # fmt: skip
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.bmm}
+_QUOTIENTS = {torch.div, Tensor.div, Tensor.__truediv__}
+_SOFTMAXES = {F.softmax, torch.softmax, Tensor.softmax}
+_LAYER_NORM = "input normalized_shape weight bias eps", (None, None, None, None, 1e-5)
+# operations whose output change DeepLIFT has no rule to split here: of one varying input
+# (other normalisations) and of two (fused attention, einsum)
+_WITHOUT_RULE_1 = {F.group_norm, F.instance_norm, F.log_softmax}
+_WITHOUT_RULE_2 = {torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
 
 
 def _pair_mean(t: Tensor) -> Tensor:
@@ -153,12 +150,46 @@ def _pair_mean(t: Tensor) -> Tensor:
     return torch.cat([mean, mean])
 
 
+def _bilinear(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """op(a, b) for a bilinear ``op`` (a product, a product of matrices) whose change splits
+    as op(Δa, (b + b0)/2) + op((a + a0)/2, Δb): the Shapley values of its two factors, exact
+    for any a, b (the output is op(a, b) itself; only the multipliers are these)."""
+    linear = op(a, _pair_mean(b)) + op(_pair_mean(a), b)
+    return linear + (op(a.detach(), b.detach()) - linear).detach()
+
+
+def _softmax(z: Tensor, dim: int) -> Tensor:
+    """softmax as exp (rescale rule), a sum and a reciprocal (rescale rule) and a product
+    (Shapley split): exact summation-to-delta; the shift for stability is the same for an
+    input and its reference, so it changes nothing."""
+    peak = z.detach().amax(dim=dim, keepdim=True)
+    shift = torch.maximum(*peak.chunk(2))  # the same for an input and its reference
+    e = _RescaleAny.apply(z - torch.cat([shift, shift]), torch.exp)
+    return _bilinear(
+        torch.mul, e, _RescaleAny.apply(e.sum(dim=dim, keepdim=True), torch.reciprocal)
+    )
+
+
+def _layer_norm(call: dict[str, Any]) -> Tensor:
+    """LayerNorm as centring (linear), a variance (the Shapley split of c·c), an inverse square
+    root (rescale rule) and a product (Shapley split): exact summation-to-delta."""
+    x = call["input"]
+    dims = tuple(range(-len(call["normalized_shape"]), 0))
+    c = x - x.mean(dim=dims, keepdim=True)
+    variance = _bilinear(torch.mul, c, c).mean(dim=dims, keepdim=True)
+    y = _bilinear(torch.mul, c, _RescaleAny.apply(variance + call["eps"], torch.rsqrt))
+    if call["weight"] is not None:
+        y = y * call["weight"]
+    return y if call["bias"] is None else y + call["bias"]
+
+
 class _DeltaMode(TorchFunctionMode):
     """DeepLIFT's rules beyond single-input nonlinearities, on a batch [inputs; references]:
-    a product a·b of two varying tensors (a squeeze-and-excitation gate) splits its change as
-    Δ(ab) = ((b + b0)/2) Δa + ((a + a0)/2) Δb, the Shapley values of its two factors, exact
-    for any a, b; operations without a rule (normalisations, softmax, attention, products of
-    matrices and quotients of varying tensors) are refused by name."""
+    products of two varying tensors (squeeze-and-excitation gates, attention's products of
+    matrices) split their change by the Shapley values of their factors (:func:`_bilinear`),
+    quotients are products with a reciprocal, and softmax and LayerNorm are computed from
+    those pieces (:func:`_softmax`, :func:`_layer_norm`), so attributions sum to
+    f(x) - f(x0) through transformers too; operations without a rule are refused by name."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
@@ -174,13 +205,26 @@ class _DeltaMode(TorchFunctionMode):
                 "its attributions would not sum to f(x) - f(x0); use integrated_gradients or "
                 "gradient_shap"
             )
-        if (func in _PRODUCTS or func in _IN_PLACE_PRODUCTS) and len(varying) == 2:
-            a, b = args[0], args[1]
-            if a.dim() and b.dim() and a.shape[0] == b.shape[0] and a.shape[0] % 2 == 0:
-                linear = a * _pair_mean(b) + _pair_mean(a) * b
-                out = linear + (a.detach() * b.detach() - linear).detach()
+        if func is F.layer_norm and varying:
+            return _layer_norm(bind(*_LAYER_NORM, args, kwargs))
+        if func in _SOFTMAXES and varying:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return _softmax(args[0], dim)
+        if len(varying) == 2 and len(args) == 2 and self._paired(*args):
+            a, b = args
+            if func in _PRODUCTS or func in _IN_PLACE_PRODUCTS:
+                out = _bilinear(torch.mul, a, b)
                 return a.copy_(out) if func in _IN_PLACE_PRODUCTS else out
+            if func in _MATMULS:
+                return _bilinear(torch.matmul, a, b)
+            if func in _QUOTIENTS:
+                return _bilinear(torch.mul, a, _RescaleAny.apply(b, torch.reciprocal))
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _paired(a: Tensor, b: Tensor) -> bool:
+        """Both tensors hold a batch [inputs; references] (pairs along their first dimension)."""
+        return a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] and a.shape[0] % 2 == 0
 
 
 @contextmanager
