@@ -1039,3 +1039,33 @@ def test_deeplift_through_functional_max_pooling_sums_to_delta():
         e.attribution.sum(dim=(1, 2, 3)).double(), torch.tensor(e.extras["delta"]).double(),
         rtol=1e-4, atol=1e-5,
     )  # fmt: skip
+
+
+class FusedAttending(Attending):
+    """The same attention through F.scaled_dot_product_attention (timm's fused path)."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=0.5, is_causal=self.causal)
+        return self.fc(out.mean(dim=1))
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+def test_fused_attention_is_explained_as_its_pieces(method):
+    x = torch.randn(2, 3, 8, 8)
+    params = {"baseline": "blur"} if method == "deeplift" else {"composite": "epsilon"}
+    explicit = cl.explain(Attending().eval(), x, method, target=[0, 1], **params)
+    fused = cl.explain(FusedAttending().eval(), x, method, target=[0, 1], **params)
+    torch.testing.assert_close(fused.attribution, explicit.attribution, rtol=1e-4, atol=1e-6)
+    causal = cl.explain(FusedAttending(causal=True).eval(), x, method, target=[0, 1], **params)
+    assert torch.isfinite(causal.attribution).all()
+    if method == "deeplift":
+        torch.testing.assert_close(
+            causal.attribution.sum(dim=(1, 2, 3)).double(),
+            torch.tensor(causal.extras["delta"]).double(), rtol=1e-4, atol=1e-5,
+        )  # fmt: skip

@@ -21,7 +21,7 @@ from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, RequestTypeError, finite, positive_int
 from convlens.hooks import Captured, elementwise, replace_rectifiers
 from convlens.methods.base import Method, Result
-from convlens.methods.relevance.maps import bind
+from convlens.methods.relevance.maps import SDPA, attention_mask, attention_scale, bind
 from convlens.registry import register
 from convlens.targets import Predicted, Target, score_rows
 
@@ -115,9 +115,8 @@ class _RescaleAny(torch.autograd.Function):
             (derivative,) = torch.autograd.grad(f(leaf).sum(), leaf)
         yi, yr = f(xi), f(xr)
         dx = xi - xr
-        multiplier = torch.where(
-            dx.abs() < DELTA_EPS, derivative, (yi - yr) / torch.where(dx == 0, 1, dx)
-        )
+        same = (dx.abs() < DELTA_EPS) | ~torch.isfinite(dx)  # equal, or both masked (-inf)
+        multiplier = torch.where(same, derivative, (yi - yr) / torch.where(same, 1, dx))
         return grad * torch.cat([multiplier, multiplier]), None
 
 
@@ -141,7 +140,7 @@ _LAYER_NORM = "input normalized_shape weight bias eps", (None, None, None, None,
 # operations whose output change DeepLIFT has no rule to split here: of one varying input
 # (other normalisations) and of two (fused attention, einsum)
 _WITHOUT_RULE_1 = {F.group_norm, F.instance_norm, F.log_softmax}
-_WITHOUT_RULE_2 = {torch.einsum, F.scaled_dot_product_attention, F.multi_head_attention_forward}
+_WITHOUT_RULE_2 = {torch.einsum, F.multi_head_attention_forward}
 
 
 def _pair_mean(t: Tensor) -> Tensor:
@@ -207,6 +206,13 @@ class _DeltaMode(TorchFunctionMode):
             )
         if func is F.layer_norm and varying:
             return _layer_norm(bind(*_LAYER_NORM, args, kwargs))
+        if func is F.scaled_dot_product_attention and varying:  # timm's fused attention
+            call = bind(*SDPA, args, kwargs)
+            if not call["dropout_p"] and not kwargs.get("enable_gqa"):
+                q, k = call["query"] * attention_scale(call), call["key"].transpose(-2, -1)
+                scores = _bilinear(torch.matmul, q, k)
+                scores = scores + attention_mask(call, scores)  # the same for every pair
+                return _bilinear(torch.matmul, _softmax(scores, -1), call["value"])
         if func in _SOFTMAXES and varying:
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             return _softmax(args[0], dim)

@@ -43,6 +43,34 @@ def per_row(t: Tensor) -> Tensor:
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
 
 
+SDPA = (
+    "query key value attn_mask dropout_p is_causal scale",
+    (None, None, None, None, 0.0, False, None),
+)
+
+
+def attention_scale(call: dict[str, Any]) -> float:
+    """The factor F.scaled_dot_product_attention (``call`` bound with :data:`SDPA`) puts on
+    q k^T: its ``scale``, or 1/sqrt(d)."""
+    return call["scale"] if call["scale"] is not None else call["query"].shape[-1] ** -0.5
+
+
+def attention_mask(call: dict[str, Any], scores: Tensor) -> Tensor:
+    """What F.scaled_dot_product_attention adds to ``scores`` before the softmax: -inf where
+    a causal or boolean mask hides a position, a float mask as it is, else 0."""
+    added = torch.zeros_like(scores[0])
+    if call["is_causal"]:
+        n, m = scores.shape[-2:]
+        causal = torch.ones(n, m, dtype=torch.bool, device=scores.device).tril()
+        added = added.masked_fill(~causal, float("-inf"))
+    mask = call["attn_mask"]
+    if mask is not None:
+        added = (
+            added.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else added + mask
+        )
+    return added
+
+
 def bind(names: str, defaults: tuple, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of a functional call by name."""
     call = dict(zip(names.split(), defaults, strict=True))

@@ -29,7 +29,19 @@ from torch.overrides import TorchFunctionMode
 from convlens.checks import RequestError
 from convlens.hooks import elementwise, override_rectifiers
 
-from .maps import LINEAR, LinearMap, Merge, affine_map, bind, fold, per_row, stabilise
+from .maps import (
+    LINEAR,
+    SDPA,
+    LinearMap,
+    Merge,
+    affine_map,
+    attention_mask,
+    attention_scale,
+    bind,
+    fold,
+    per_row,
+    stabilise,
+)
 from .rules import Epsilon, Rule
 
 __all__ = ["Ledger", "lrp_context"]
@@ -221,6 +233,7 @@ class _LRPMode(TorchFunctionMode):
             F.layer_norm: self._layer_norm,
             **dict.fromkeys(_MATMULS, self._attention),
             torch.cat: self._cat,
+            F.scaled_dot_product_attention: self._fused_attention,
         }
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -378,6 +391,20 @@ class _LRPMode(TorchFunctionMode):
         if all(varying) or not any(varying) or not all(isinstance(p, Tensor) for p in parts):
             return None
         return _Joined.apply(self.ledger, dim, varying, *parts)
+
+    def _fused_attention(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+        """F.scaled_dot_product_attention (timm's fused attention) as its pieces: the weights
+        softmax(q k^T s) held fixed, a linear map of the values (the AH-rule, as below)."""
+        call = bind(*SDPA, args, kwargs)
+        if call["dropout_p"] or kwargs.get("enable_gqa"):
+            return None
+        q, k = call["query"], call["key"]
+        scores = q @ k.transpose(-2, -1) * attention_scale(call)
+        weights = (scores + attention_mask(call, scores)).softmax(dim=-1).detach()
+        linear = LinearMap(lambda t, w, bias: weights @ t)
+        return self._layer(
+            call["value"], lambda t: weights @ t, self.plain, linear, lambda: (None, None)
+        )
 
     def _attention(self, func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
         """Attention weights (a softmax output) times values: the weights held fixed, the
