@@ -104,3 +104,17 @@ def test_freed_memory_is_kept_during_explain_only(monkeypatch):
             assert inner is linux
         assert engine.keeping_freed_memory() is linux
     assert not engine.keeping_freed_memory()
+
+
+def test_what_the_engine_remembers_of_a_model_does_not_keep_it_alive():
+    import gc
+    import weakref
+
+    import convlens as cl
+
+    model = tiny()
+    cl.explain(model, tiny_input(1), "gradcam")
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

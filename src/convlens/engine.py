@@ -407,10 +407,11 @@ class Engine:
             if tensor:
                 held.append(out)
 
-        # TorchScript code hides its calls (and refuses hooks): no layers are known there
-        handles = (
-            [] if scripted(module) else [m.register_forward_hook(record) for m in module.modules()]
-        )
+        # TorchScript code hides its calls (and refuses hooks): no layers are known there. The
+        # root is left out: what is remembered of a model must not hold the model itself (it
+        # is the key of a weak dictionary)
+        inner = [m for m in module.modules() if m is not module]
+        handles = [] if scripted(module) else [m.register_forward_hook(record) for m in inner]
         try:
             with torch.no_grad():
                 plain = self._logits(module(image.contiguous()))
