@@ -22,6 +22,7 @@ masks or noisy copies never all sit in memory at once.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import math
 import sys
@@ -610,8 +611,9 @@ def probe_images(module: nn.Module, x: Tensor) -> int:
 
 
 def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of a module's first floating parameter or buffer."""
-    for tensor in [*module.parameters(), *module.buffers()]:
+    """The device and floating dtype of a module's first floating parameter or buffer (found
+    without listing them all: this runs on every call)."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
