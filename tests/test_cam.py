@@ -405,3 +405,22 @@ def test_swin_grids_are_read_as_b_h_w_c(x, method):
     given = cl.explain(model, x, method, target=[1, 2, 3], layer="norm",
                        reshape=lambda t: t.permute(0, 3, 1, 2))  # fmt: skip
     close(auto.attribution, given.attribution)
+
+
+def test_unit_targets_on_swin_grids_read_the_channel(x):
+    from convlens.targets import Channel
+
+    model = SwinLike().eval()
+
+    class Means(nn.Module):  # the norm's channel means, as logits
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            grid = self.net.patch(t).permute(0, 2, 3, 1)
+            return self.net.norm(grid + self.net.block(grid)).mean(dim=(1, 2))
+
+    unit = cl.explain(model, x, "saliency", target=Channel("norm", 2))
+    cut = cl.explain(Means().eval(), x, "saliency", target=2)
+    close(unit.attribution, cut.attribution)

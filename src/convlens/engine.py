@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 
 from convlens.checks import RequestError, RequestTypeError, positive_int
 from convlens.hooks import Captured, capture, frozen, scripted
-from convlens.targets import Target, layer_key, resolve_targets, score_rows, target_layers
+from convlens.targets import (
+    Target,
+    channels_last_grid,
+    layer_key,
+    resolve_targets,
+    score_rows,
+    target_layers,
+)
 
 if TYPE_CHECKING:
     from convlens.model import Model
@@ -583,12 +590,6 @@ class Engine:
         collected = _Made(positive_int("n", n), make_inputs)
         self.stream(collected, target, score)
         return collected.scores
-
-
-def channels_last_grid(shape: Sequence[int]) -> bool:
-    """Whether a 4-D output is (B, h, w, C), as Swin-style transformers and permuted
-    LayerNorms give, rather than (B, C, h, w): its middle sides agree and the last differs."""
-    return len(shape) == 4 and shape[1] == shape[2] and shape[2] != shape[3]
 
 
 def _area(shape: Sequence[int]) -> int:

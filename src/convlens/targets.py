@@ -30,6 +30,8 @@ __all__ = [
     "Predicted",
     "Target",
     "TargetSpec",
+    "channels_first",
+    "channels_last_grid",
     "check_class",
     "check_target_spec",
     "layer_key",
@@ -122,7 +124,7 @@ class Channel(Target):
     channel: int
 
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
-        activation = _need_activation(self, activation)
+        activation = channels_first(_need_activation(self, activation))
         if not 0 <= self.channel < activation.shape[1]:
             raise RequestError(
                 f"channel {self.channel} is out of range: layer {_layer_name(self.layer)!r} "
@@ -144,7 +146,7 @@ class Neuron(Target):
     x: int
 
     def score(self, output: Tensor, activation: Tensor | None) -> Tensor:
-        activation = _need_activation(self, activation)
+        activation = channels_first(_need_activation(self, activation))
         if activation.dim() != 4:
             raise RequestError(
                 f"Neuron needs a spatial layer; {_layer_name(self.layer)!r} outputs "
@@ -160,6 +162,20 @@ class Neuron(Target):
 
     def describe(self) -> Any:
         return {"neuron": [_layer_name(self.layer), self.channel, self.y, self.x]}
+
+
+def channels_last_grid(shape: Sequence[int]) -> bool:
+    """Whether a 4-D output is (B, h, w, C), as Swin-style transformers and permuted
+    LayerNorms give, rather than (B, C, h, w): its middle sides agree and the last differs."""
+    return len(shape) == 4 and shape[1] == shape[2] and shape[2] != shape[3]
+
+
+def channels_first(activation: Tensor) -> Tensor:
+    """An inner layer's output with its channels in dimension 1: Swin-style grids (B, h, w, C)
+    and tokens (B, N, C) are turned; feature maps (B, C, h, w) stay as they are."""
+    if activation.dim() == 4 and channels_last_grid(activation.shape):
+        return activation.permute(0, 3, 1, 2)
+    return activation.transpose(1, 2) if activation.dim() == 3 else activation
 
 
 def _need_activation(target: Target, activation: Tensor | None) -> Tensor:
