@@ -21,6 +21,7 @@ PACKAGE = "convlens"
 
 CORE = (
     "checks",
+    "allocator",
     "engine",
     "hooks",
     "targets",
