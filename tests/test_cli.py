@@ -271,3 +271,39 @@ def test_a_bug_while_reading_an_image_is_not_reported_as_a_skipped_image(
     args = ["explain", str(photo), "--model", "shapes-cnn", "--methods", "saliency"]
     with pytest.raises(TypeError, match="internal"):
         main([*args, "--out", str(tmp_path / "out")])
+
+
+def test_target_forms_of_the_command_line():
+    from convlens.cli import UsageError, _parse_target
+    from convlens.targets import Channel, Contrast, Neuron
+
+    assert _parse_target(None) is None and _parse_target("predicted") is None
+    assert _parse_target("285") == 285 and _parse_target("tabby") == "tabby"
+    assert _parse_target("contrast:281,tiger cat") == Contrast(281, "tiger cat")
+    channel = _parse_target("channel:_blocks.15:3")
+    assert isinstance(channel, Channel) and (channel.layer, channel.channel) == ("_blocks.15", 3)
+    neuron = _parse_target("neuron:_blocks.15:3:2:1")
+    assert isinstance(neuron, Neuron) and (neuron.channel, neuron.y, neuron.x) == (3, 2, 1)
+    for bad in ("contrast:281", "channel:_blocks.15", "neuron:_blocks.15:3:x:1", "channel::3"):
+        with pytest.raises(UsageError, match="--target"):
+            _parse_target(bad)
+
+
+@pytest.mark.slow
+def test_explain_with_contrast_and_unit_targets_and_a_layer(tmp_path, photo, capsys):
+    out = tmp_path / "contrast"
+    args = ["explain", str(photo), "--methods", "saliency,gradcam", "--out", str(out)]
+    assert main([*args, "--target", "contrast:285,281", "--layer", "_blocks.10"]) == 0
+    (image,) = json.loads((out / "results.json").read_text())["images"]
+    assert image["methods"]["saliency"]["target"] == {"contrast": [285, 281]}
+    assert image["methods"]["gradcam"]["params"]["layer"] == "_blocks.10"
+    units = tmp_path / "units"
+    args = ["explain", str(photo), "--methods", "saliency,cam", "--out", str(units)]
+    status = main([*args, "--target", "channel:_blocks.15:3"])
+    assert status == 1  # cam refuses a channel on its card; saliency explains it
+    (image,) = json.loads((units / "results.json").read_text())["images"]
+    assert image["methods"]["saliency"]["target"] == {"channel": ["_blocks.15", 3]}
+    assert "cam explains classes" in image["methods"]["cam"]["refused"]
+    capsys.readouterr()
+    assert main([*args, "--target", "neuron:_blocks.15:3"]) == 2  # a malformed target
+    assert "--target" in capsys.readouterr().err

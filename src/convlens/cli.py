@@ -65,13 +65,38 @@ def _parse_methods(text: str) -> list[str]:
     return names
 
 
+TARGET_FORMS = (
+    "predicted, INDEX, LABEL, contrast:P,Q (why P rather than Q), channel:LAYER:C or "
+    "neuron:LAYER:C:Y:X"
+)
+
+
 def _parse_target(text: str | None) -> Any:
+    """``--target``: one of :data:`TARGET_FORMS` (classes as indices or label names)."""
+    from convlens.targets import Channel, Contrast, Neuron
+
+    def number(part: str) -> int:
+        try:
+            return int(part)
+        except ValueError:
+            raise UsageError(f"--target {text!r}: {part!r} is not an integer") from None
+
+    def label(part: str) -> int | str:
+        return int(part) if part.strip().lstrip("-").isdigit() else part
+
     if text is None or text == "predicted":
         return None
-    try:
-        return int(text)
-    except ValueError:
-        return text  # a label name, checked against the model's labels
+    kind, sep, rest = text.partition(":")
+    if sep and kind in ("contrast", "channel", "neuron"):
+        parts = rest.split(",") if kind == "contrast" else rest.split(":")
+        if kind == "contrast" and len(parts) == 2 and all(parts):
+            return Contrast(label(parts[0]), label(parts[1]))
+        if kind == "channel" and len(parts) == 2 and parts[0]:
+            return Channel(parts[0], number(parts[1]))
+        if kind == "neuron" and len(parts) == 4 and parts[0]:
+            return Neuron(parts[0], *(number(p) for p in parts[1:]))
+        raise UsageError(f"--target {text!r}: expected {TARGET_FORMS}")
+    return label(text)  # a class index, or a label name checked against the model's labels
 
 
 def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -114,6 +139,12 @@ def _explain(args: argparse.Namespace) -> int:
     methods = _parse_methods(args.methods)
     params = _parse_params(args.param, methods)
     target = _parse_target(args.target)
+    if args.layer is not None:  # the CAM family's layer, unless a --param gave one
+        from convlens.registry import get_method
+
+        for method in methods:
+            if get_method(method).uses_layer:
+                params[method].setdefault("layer", args.layer)
     if not args.images and not args.samples:
         raise UsageError("give image files, or --samples for the bundled photos")
     if args.curve_steps < 2:
@@ -335,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--methods", default="saliency", help="NAME[,NAME...] or 'all' (see `convlens methods`)"
     )
-    explain.add_argument("--target", help="class index, label name or 'predicted' (default)")
+    explain.add_argument("--target", help=f"what to explain: {TARGET_FORMS}; default predicted")
+    explain.add_argument("--layer", help="the layer the CAM family explains (default: the last "
+                         "feature map the classifier reads)")  # fmt: skip
     explain.add_argument("--out", default="convlens-output", help="output folder")
     explain.add_argument("--batch-size", type=int, default=None, help="images per model call")
     explain.add_argument("--seed", type=int, default=0, help="seed of random methods")
