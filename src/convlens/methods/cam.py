@@ -12,7 +12,6 @@ choices each paper makes are recorded in ``Explanation.params``.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -27,6 +26,7 @@ from convlens.checks import RequestError, RequestTypeError, finite
 from convlens.engine import Score, Scored, channels_last_grid
 from convlens.hooks import Captured, capture, edit_output
 from convlens.methods.base import Method, Result
+from convlens.methods.feature_maps import feature_maps, safe_divide, upsample, weighted_sum
 from convlens.methods.gradient import GuidedBackprop
 from convlens.registry import register
 from convlens.targets import (
@@ -56,24 +56,6 @@ __all__ = [
     "upsample",
     "weighted_sum",
 ]
-
-
-def weighted_sum(activations: Tensor, weights: Tensor) -> Tensor:
-    """Σ_k w_k A_k: activations (B, K, h, w) and weights (B, K) give maps (B, h, w)."""
-    return torch.einsum("bkhw,bk->bhw", activations, weights)
-
-
-def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
-    """Maps (B, h, w) bilinearly resized to the input size: (B, 1, H, W)."""
-    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """numerator / denominator, and 0 where the denominator is 0."""
-    zero = denominator == 0
-    return torch.where(
-        zero, torch.zeros_like(numerator), numerator / denominator.masked_fill(zero, 1)
-    )
 
 
 @dataclass
@@ -153,29 +135,8 @@ class CAMMethod(Method):
         return list(layers), [self.model.layer_name(layer) for layer in layers.values()]
 
     def grid(self, t: Tensor) -> Tensor:
-        """A layer's output as feature maps (B, C, h, w): as it is, through ``reshape``, from
-        a Swin-style grid (B, h, w, C), or, for tokens (B, N, C) of a vision transformer, the
-        patch tokens on their square grid (a leading class token dropped)."""
-        reshape = self.params.get("reshape")
-        if reshape is not None:
-            out = reshape(t)
-            if not isinstance(out, Tensor) or out.dim() != 4 or len(out) != len(t):
-                raise RequestError("reshape must return feature maps (B, C, h, w)")
-            return out
-        if t.dim() == 4:
-            return t.permute(0, 3, 1, 2) if channels_last_grid(t.shape) else t
-        b, n, c = t.shape
-        side = math.isqrt(n - 1)
-        if side * side == n - 1 and side > 0:
-            t = t[:, 1:]  # the class token
-        else:
-            side = math.isqrt(n)
-            if side * side != n:
-                raise RequestError(
-                    f"tokens of shape {tuple(t.shape)} do not form a square grid (with or "
-                    "without a class token); pass reshape=function -> (B, C, h, w)"
-                )
-        return t.reshape(b, side, side, c).permute(0, 3, 1, 2)
+        """A layer's output as feature maps (B, C, h, w) (:func:`feature_maps`)."""
+        return feature_maps(t, self.params.get("reshape"))
 
     @staticmethod
     def resolved(names: list[str]) -> dict[str, Any]:
@@ -281,7 +242,7 @@ class GradCAMPlusPlus(GradientCAM):
     def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
         g2 = gradients.pow(2)
         denominator = 2 * g2 + activations.sum(dim=(2, 3), keepdim=True) * gradients.pow(3)
-        alpha = _safe_divide(g2, denominator)
+        alpha = safe_divide(g2, denominator)
         weights = (alpha * gradients.clamp(min=0)).sum(dim=(2, 3))
         return weighted_sum(activations, weights)
 
@@ -312,7 +273,7 @@ class XGradCAM(GradientCAM):
     description = "XGrad-CAM: axiom-based channel weights (Fu et al. 2020)"
 
     def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        weights = _safe_divide(
+        weights = safe_divide(
             (activations * gradients).sum(dim=(2, 3)), activations.sum(dim=(2, 3))
         )
         return weighted_sum(activations, weights)
@@ -349,7 +310,7 @@ class LayerCAM(GradientCAM):
     def fuse(self, maps: list[Tensor]) -> Tensor:
         gamma = self.params["gamma"]
         scaled = [
-            torch.tanh(gamma * _safe_divide(m, m.amax(dim=(1, 2, 3), keepdim=True))) for m in maps
+            torch.tanh(gamma * safe_divide(m, m.amax(dim=(1, 2, 3), keepdim=True))) for m in maps
         ]
         return torch.stack(scaled).amax(dim=0)
 
@@ -499,7 +460,7 @@ class _ScoreMasks(_ChannelScores):
         masks = upsample(self.features[start:stop], self.x.shape[-2:])
         low = masks.amin(dim=(1, 2, 3), keepdim=True)
         high = masks.amax(dim=(1, 2, 3), keepdim=True)
-        return self.x * _safe_divide(masks - low, high - low), None
+        return self.x * safe_divide(masks - low, high - low), None
 
 
 @register("scorecam", "cam")
