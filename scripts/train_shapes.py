@@ -1,6 +1,8 @@
 """Train the bundled shapes CNN (``cl.load_model("shapes-cnn")``) on ``cl.datasets.shapes``.
 
     python scripts/train_shapes.py [--out src/convlens/data/shapes_cnn.pt]
+    python scripts/train_shapes.py --arch examples/nets.py:resnet_small \
+        --out examples/resnet_small_shapes.pt
 
 Deterministic on CPU from the seeds below; a few minutes on 2 cores. Writes the weights (a plain
 state dict, loadable with ``weights_only=True``) and a JSON file with the settings and the
@@ -49,11 +51,20 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="src/convlens/data/shapes_cnn.pt")
+    parser.add_argument(
+        "--arch", help="a factory file.py:function to train instead of ShapesCNN (called with "
+        "pretrained=False)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(SETTINGS["seed"])
     train = shapes(**SETTINGS["train"])
     validation = shapes(**SETTINGS["validation"])
-    model = ShapesCNN()
+    if args.arch:
+        from convlens.factories import find_factory
+
+        model = find_factory(args.arch)(pretrained=False)
+    else:
+        model = ShapesCNN()
     optimiser = torch.optim.Adam(model.parameters(), lr=SETTINGS["lr"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, SETTINGS["epochs"])
     generator = torch.Generator().manual_seed(SETTINGS["seed"])
@@ -79,7 +90,8 @@ def main() -> None:
         "validation_accuracy": score,
         "seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
-        "command": "python scripts/train_shapes.py",
+        "command": "python scripts/train_shapes.py"
+        + (f" --arch {args.arch} --out {args.out}" if args.arch else ""),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")

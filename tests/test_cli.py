@@ -274,19 +274,19 @@ def test_a_bug_while_reading_an_image_is_not_reported_as_a_skipped_image(
 
 
 def test_target_forms_of_the_command_line():
-    from convlens.cli import UsageError, _parse_target
+    from convlens.cli.requests import UsageError, parse_target
     from convlens.targets import Channel, Contrast, Neuron
 
-    assert _parse_target(None) is None and _parse_target("predicted") is None
-    assert _parse_target("285") == 285 and _parse_target("tabby") == "tabby"
-    assert _parse_target("contrast:281,tiger cat") == Contrast(281, "tiger cat")
-    channel = _parse_target("channel:_blocks.15:3")
+    assert parse_target(None) is None and parse_target("predicted") is None
+    assert parse_target("285") == 285 and parse_target("tabby") == "tabby"
+    assert parse_target("contrast:281,tiger cat") == Contrast(281, "tiger cat")
+    channel = parse_target("channel:_blocks.15:3")
     assert isinstance(channel, Channel) and (channel.layer, channel.channel) == ("_blocks.15", 3)
-    neuron = _parse_target("neuron:_blocks.15:3:2:1")
+    neuron = parse_target("neuron:_blocks.15:3:2:1")
     assert isinstance(neuron, Neuron) and (neuron.channel, neuron.y, neuron.x) == (3, 2, 1)
     for bad in ("contrast:281", "channel:_blocks.15", "neuron:_blocks.15:3:x:1", "channel::3"):
         with pytest.raises(UsageError, match="--target"):
-            _parse_target(bad)
+            parse_target(bad)
 
 
 @pytest.mark.slow

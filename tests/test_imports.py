@@ -33,6 +33,8 @@ CORE = (
     "registry",
     "viz",
     "zoo",
+    "factories",
+    "boxes",
     "datasets",
 )
 UPPER = ("methods", "metrics", "features", "report", "cli", "api", "train")

@@ -111,9 +111,9 @@ def test_folder_errors_name_the_problem(tmp_path):
 
 def test_augmentation_is_seeded_and_stays_in_range():
     batch = (torch.rand(3, 3, 40, 40) * 255).to(torch.uint8)
-    first = _augment(batch, 32, torch.Generator().manual_seed(0))
-    again = _augment(batch, 32, torch.Generator().manual_seed(0))
-    other = _augment(batch, 32, torch.Generator().manual_seed(1))
+    first = _augment(batch, (32, 32), torch.Generator().manual_seed(0))
+    again = _augment(batch, (32, 32), torch.Generator().manual_seed(0))
+    other = _augment(batch, (32, 32), torch.Generator().manual_seed(1))
     assert first.shape == (3, 3, 32, 32) and torch.equal(first, again)
     assert not torch.equal(first, other)
     assert first.min() >= 0 and first.max() <= 1

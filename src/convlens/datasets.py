@@ -111,13 +111,17 @@ def shapes_folder(
 ) -> Path:
     """An image-folder data set (one sub-folder of PNG files per class) of :func:`shapes`
     images: ``counts`` images per class, or ``{class: count}`` for some of the classes (an
-    unbalanced folder). For ``convlens train`` and its tests; the answer is known."""
+    unbalanced folder). For ``convlens train`` and its tests; the answer is known: each
+    object's box is in ``root/boxes.csv`` (``image,x0,y0,x1,y1,label``, image paths relative
+    to ``root``, pixels, right and bottom exclusive), the form ``convlens evaluate --boxes``
+    reads."""
     wanted = dict.fromkeys(SHAPES[:3], counts) if isinstance(counts, int) else dict(counts)
     unknown = set(wanted) - set(SHAPES)
     if unknown:
         raise RequestError(f"unknown shape classes {sorted(unknown)}; known: {', '.join(SHAPES)}")
     data = shapes(len(SHAPES) * max(wanted.values()), size=size, seed=seed)
     root = Path(root)
+    lines = ["image,x0,y0,x1,y1,label"]
     for name, count in wanted.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -125,4 +129,7 @@ def shapes_folder(
         for k, i in enumerate(rows.tolist()):
             pixels = (data.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{name}_{k:04d}.png")
+            box = ",".join(str(v) for v in data.boxes[i].tolist())
+            lines.append(f"{name}/{name}_{k:04d}.png,{box},{name}")
+    (root / "boxes.csv").write_text("\n".join(lines) + "\n")
     return root

@@ -122,11 +122,11 @@ class Explanation:
             "targets": self.targets,
             "labels": self.labels,
             "layer": self.layer,
-            "params": _jsonable(dict(self.params)),
-            "resolved": _jsonable(dict(self.resolved)),
+            "params": jsonable(dict(self.params)),
+            "resolved": jsonable(dict(self.resolved)),
             "seconds": self.seconds,
             "forwards": self.forwards,
-            "extras": _jsonable(dict(self.extras)),
+            "extras": jsonable(dict(self.extras)),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -151,15 +151,15 @@ class Explanation:
         return path
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Tensor):
         return value.tolist() if value.numel() <= 16 else f"tensor{tuple(value.shape)}"
     if isinstance(value, np.ndarray):
-        return _jsonable(torch.from_numpy(value))
+        return jsonable(torch.from_numpy(value))
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):

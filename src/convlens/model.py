@@ -21,7 +21,7 @@ from convlens.checks import RequestError, RequestTypeError, finite
 from convlens.engine import placement, session
 from convlens.images import ImageLike, to_pictures, to_rgb
 
-__all__ = ["Model", "as_model", "check_input", "wrap"]
+__all__ = ["Model", "as_model", "check_input", "size_pair", "wrap"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +81,7 @@ class Model:
         if not 0 < finite("crop", crop) <= 1:
             raise RequestError(f"crop must be in (0, 1], not {crop}")
         self.module = module  # its train flag stays the caller's: explaining runs in eval mode
-        self.input_size = _input_size(input_size)
+        self.input_size = size_pair(input_size)
         self.mean = _per_channel("mean", mean)
         self.std = _per_channel("std", std)
         if (self.mean is None) != (self.std is None) or (
@@ -227,7 +227,7 @@ class Model:
         return cached[1]
 
 
-def _input_size(value: Any) -> tuple[int, int] | None:
+def size_pair(value: Any) -> tuple[int, int] | None:
     """``(H, W)`` from a pair or one int (a square), checked."""
     if value is None:
         return None

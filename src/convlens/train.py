@@ -1,7 +1,8 @@
 """Transfer learning on an image folder (``convlens train DATA_DIR --out model.pt``).
 
-The bundled EfficientNet-Lite0 keeps its ImageNet features and gets a new linear head for the
-folder's classes (Yosinski et al. 2014, "How transferable are features in deep neural
+The bundled EfficientNet-Lite0 (or the network a factory returns, ``arch="file.py:function"``,
+with its own pretrained weights or ``weights=``) keeps its features and gets a new linear head
+for the folder's classes (Yosinski et al. 2014, "How transferable are features in deep neural
 networks?", NeurIPS; Kornblith, Shlens & Le 2019, "Do Better ImageNet Models Transfer
 Better?", CVPR). By default only the head learns (the backbone is frozen); with
 ``freeze_backbone=False`` the whole network is fine-tuned, the backbone at a tenth of the
@@ -33,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convlens import viz, zoo
+from convlens import factories, viz, zoo
 from convlens.checks import RequestError, finite
+from convlens.engine import select_output
 from convlens.files import check_output, printable, save_picture
 from convlens.images import ImageError, load_image
-from convlens.model import Model
+from convlens.model import IMAGENET_MEAN, IMAGENET_STD, Model, size_pair
 
 __all__ = ["IMAGE_SUFFIXES", "Folder", "TrainResult", "scan_folder", "stratified_split", "train"]
 
@@ -123,30 +125,31 @@ class TrainResult:
     seconds: float
 
 
-def _square(model: Model, side: int) -> Callable[[Any], Tensor]:
-    """Images as uint8 (3, side, side): shorter side resized to ``side``, centre crop."""
-    square = Model(model.module, input_size=(side, side), crop=1.0)
-    return lambda picture: (square.preprocess(picture)[0] * 255).round().to(torch.uint8)
+def _stored(model: Model, size: tuple[int, int]) -> Callable[[Any], Tensor]:
+    """Images as uint8 (3, *size): shorter side resized to fit ``size``, centre crop, not
+    normalised (values 0-255)."""
+    plain = Model(model.module, input_size=size, mean=None, std=None, crop=1.0)
+    return lambda picture: (plain.preprocess(picture)[0] * 255).round().to(torch.uint8)
 
 
-def _augment(batch: Tensor, size: int, generator: torch.Generator) -> Tensor:
+def _augment(batch: Tensor, size: tuple[int, int], generator: torch.Generator) -> Tensor:
     """Random resized crop (area 50-100%, aspect 3/4-4/3), horizontal flip, brightness and
-    contrast in [0.8, 1.2]; ``batch`` is uint8 (B, 3, S, S), the result float in [0, 1]."""
+    contrast in [0.8, 1.2]; ``batch`` is uint8 (B, 3, S, T), the result float in [0, 1]."""
 
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
 
-    side = batch.shape[-1]
+    rows, cols = batch.shape[-2:]
     crops = []
     for picture in batch.float() / 255.0:
-        area = side * side * uniform(0.5, 1.0)
-        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = min(side, round(math.sqrt(area * ratio)))
-        h = min(side, round(math.sqrt(area / ratio)))
-        top = int(torch.randint(0, side - h + 1, (), generator=generator))
-        left = int(torch.randint(0, side - w + 1, (), generator=generator))
+        area = rows * cols * uniform(0.5, 1.0)
+        ratio = math.exp(uniform(math.log(3 / 4), math.log(4 / 3))) * cols / rows
+        w = min(cols, round(math.sqrt(area * ratio)))
+        h = min(rows, round(math.sqrt(area / ratio)))
+        top = int(torch.randint(0, rows - h + 1, (), generator=generator))
+        left = int(torch.randint(0, cols - w + 1, (), generator=generator))
         crop = picture[None, :, top : top + h, left : left + w]
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=h > size)
+        crop = F.interpolate(crop, size=size, mode="bilinear", antialias=h > size[0])
         if torch.rand((), generator=generator) < 0.5:
             crop = crop.flip(-1)
         mean = crop.mean()
@@ -155,10 +158,47 @@ def _augment(batch: Tensor, size: int, generator: torch.Generator) -> Tensor:
     return torch.cat(crops)
 
 
-def _centre(batch: Tensor, size: int) -> Tensor:
-    side = batch.shape[-1]
-    start = (side - size) // 2
-    return batch[..., start : start + size, start : start + size].float() / 255.0
+def _centre(batch: Tensor, size: tuple[int, int]) -> Tensor:
+    top, left = (batch.shape[-2] - size[0]) // 2, (batch.shape[-1] - size[1]) // 2
+    return batch[..., top : top + size[0], left : left + size[1]].float() / 255.0
+
+
+def _starting_model(
+    classes: list[str],
+    name: str,
+    arch: str | None,
+    weights: Any,
+    head: str | None,
+    size: tuple[int, int],
+    mean: Any,
+    std: Any,
+) -> tuple[Model, str]:
+    """The network to fine-tune, with a fresh head for ``classes``, and the head's name."""
+    if arch is None:
+        given = {"weights": weights, "head": head, "mean": mean, "std": std}
+        if any(value is not None for value in given.values()):
+            option = next(key for key, value in given.items() if value is not None)
+            raise RequestError(
+                f"{option} is for arch=file.py:function (the bundled Lite0 has its own)"
+            )
+        return zoo.lite0_transfer(classes, size, name=name), zoo.HEAD
+    module = factories.build(arch)
+    if weights is not None:
+        factories.load_weights(module, weights)
+    head = factories.replace_head(module, len(classes), head)
+    model = Model(
+        module.eval(), input_size=size, mean=mean if mean is not None else IMAGENET_MEAN,
+        std=std if std is not None else IMAGENET_STD, labels=classes, name=name,
+    )  # fmt: skip
+    with torch.no_grad():
+        probe = torch.zeros(1, model.channels, *size)
+        logits, _ = select_output(module(probe))
+    if tuple(logits.shape) != (1, len(classes)):
+        raise RequestError(
+            f"with its head {head!r} replaced, {arch} gives outputs of shape "
+            f"{tuple(logits.shape)}, not (1, {len(classes)}): name the classifier with --head"
+        )
+    return model, head
 
 
 def _confusion_path(out: Path) -> Path:
@@ -180,22 +220,34 @@ def train(
     lr: float = 3e-3,
     augment: bool = True,
     balance: bool = True,
-    image_size: int = 224,
+    image_size: int | tuple[int, int] = 224,
     seed: int = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    arch: str | None = None,
+    weights: str | os.PathLike | None = None,
+    head: str | None = None,
+    mean: Any = None,
+    std: Any = None,
 ) -> TrainResult:
-    """Fine-tune the bundled EfficientNet-Lite0 on ``data_dir`` and save a checkpoint to ``out``.
+    """Fine-tune the bundled EfficientNet-Lite0, or the network of the factory ``arch``
+    (``file.py:function`` or ``package.module:function``, called with no arguments; a state
+    dict ``weights`` is loaded into it), on ``data_dir`` and save a checkpoint to ``out``.
 
-    Unreadable images are reported through ``log`` and skipped. ``balance`` weights the loss
-    by inverse class frequency. Returns a :class:`TrainResult`; the confusion matrix picture
-    is ``<out stem>_confusion.png``.
+    The classifier head (the last ``nn.Linear``, or the module ``head``) is replaced by a new
+    one for the folder's classes; ``image_size`` is the input side (or ``(height, width)``),
+    ``mean``/``std`` the normalisation of a factory's network (default ImageNet's). The
+    checkpoint records ``arch``: loading it calls the factory again. Unreadable images are
+    reported through ``log`` and skipped. ``balance`` weights the loss by inverse class
+    frequency. Returns a :class:`TrainResult`; the confusion matrix picture is
+    ``<out stem>_confusion.png``.
     """
     from tqdm.auto import tqdm
 
     # the whole request is checked before any work: a bad one costs no training
-    if epochs < 1 or batch_size < 1 or image_size < 32:
-        raise RequestError("need epochs >= 1, batch_size >= 1 and image_size >= 32")
+    size = size_pair(image_size)
+    if epochs < 1 or batch_size < 1 or size is None or min(size) < 32:
+        raise RequestError("need epochs >= 1, batch_size >= 1 and an image size of at least 32")
     if finite("lr", lr) <= 0:
         raise RequestError(f"lr must be positive, not {lr!r}")
     if not 0 <= finite("val_fraction", val_fraction) < 1:
@@ -205,15 +257,17 @@ def train(
     say = log or (lambda text: print(printable(text), file=sys.stderr))
     started = time.perf_counter()
     folder = scan_folder(data_dir)
-    model = zoo.lite0_transfer(folder.classes, (image_size, image_size), name=folder.root.name)
+    model, head = _starting_model(
+        folder.classes, folder.root.name, arch, weights, head, size, mean, std
+    )
     module = model.module
-    side = round(image_size / model.crop)
-    square = _square(model, side)
+    stored = (round(size[0] / model.crop), round(size[1] / model.crop))
+    store = _stored(model, stored)
 
     pictures, labels, skipped = [], [], []
     for path, label in zip(folder.files, folder.labels, strict=True):
         try:
-            pictures.append(square(load_image(path, size=(side, side))))
+            pictures.append(store(load_image(path, size=stored)))
             labels.append(label)
         except (ImageError, OSError, ValueError) as error:
             skipped.append((str(path), str(error).splitlines()[0]))
@@ -237,13 +291,16 @@ def train(
         )
     measured = "validation accuracy" if val_rows else "accuracy on the training images"
 
-    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
-    std = torch.tensor(model.std).view(1, 3, 1, 1)
-    head = list(module._fc.parameters())
-    backbone = [p for n, p in module.named_parameters() if not n.startswith("_fc.")]
+    shift = torch.tensor(model.mean).view(1, -1, 1, 1)
+    scale = torch.tensor(model.std).view(1, -1, 1, 1)
+    head_parameters = list(module.get_submodule(head).parameters())
+    chosen_ids = {id(p) for p in head_parameters}
+    backbone = [p for p in module.parameters() if id(p) not in chosen_ids]
     for parameter in backbone:
         parameter.requires_grad_(not freeze_backbone)
-    groups = [{"params": head, "lr": lr}]
+    for parameter in head_parameters:
+        parameter.requires_grad_(True)
+    groups = [{"params": head_parameters, "lr": lr}]
     if not freeze_backbone:
         groups.append({"params": backbone, "lr": lr / 10})
     optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
@@ -258,7 +315,7 @@ def train(
         with torch.no_grad():
             for start in range(0, len(rows), 32):
                 chunk = rows[start : start + 32]
-                logits = module((_centre(data[chunk], image_size) - mean) / std)
+                logits, _ = select_output(module((_centre(data[chunk], size) - shift) / scale))
                 loss += float(
                     F.cross_entropy(logits, targets[chunk], weight=weights, reduction="sum")
                 )
@@ -283,12 +340,8 @@ def train(
         )
         for start in bar:
             rows = [train_rows[i] for i in order[start : start + batch_size]]
-            x = (
-                _augment(data[rows], image_size, generator)
-                if augment
-                else _centre(data[rows], image_size)
-            )
-            logits = module((x - mean) / std)
+            x = _augment(data[rows], size, generator) if augment else _centre(data[rows], size)
+            logits, _ = select_output(module((x - shift) / scale))
             loss = F.cross_entropy(logits, targets[rows], weight=weights)
             if not bool(torch.isfinite(loss)):
                 raise RequestError(
@@ -339,6 +392,7 @@ def train(
     seconds = time.perf_counter() - started
     training = {
         "data_dir": str(folder.root),
+        "weights": str(weights) if weights is not None else None,
         "epochs": epochs,
         "freeze_backbone": freeze_backbone,
         "seed": seed,
@@ -350,7 +404,7 @@ def train(
         "validated_on": "validation split" if val_rows else "training images (no split)",
         "seconds": seconds,
     }
-    zoo.save_checkpoint(out, model, training, arch="efficientnet-lite0")
+    zoo.save_checkpoint(out, model, training, arch=arch or "efficientnet-lite0", head=head)
     picture = _confusion_path(out)
     title = f"{model.name}: {measured} {val_accuracy:.1%}"
     save_picture(viz.confusion_plot(confusion, folder.classes, title), picture)

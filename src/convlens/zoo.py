@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from convlens import factories
 from convlens.checks import RequestError
 from convlens.files import save_torch
-from convlens.model import Model
+from convlens.model import IMAGENET_MEAN, IMAGENET_STD, Model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -31,6 +32,7 @@ __all__ = [
     "check_checkpoint",
     "efficientnet_lite0",
     "from_checkpoint",
+    "from_factory",
     "imagenet_labels",
     "lite0_transfer",
     "load_model",
@@ -111,13 +113,30 @@ def lite0_transfer(
 
 
 def make_checkpoint(
-    model: Model, training: dict[str, Any] | None = None, arch: str = "efficientnet-lite0"
+    model: Model,
+    training: dict[str, Any] | None = None,
+    arch: str = "efficientnet-lite0",
+    head: str | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of ``model`` (an ``arch`` network with its weights, labels and
     preprocessing), with ``training`` (data, settings, history) recorded beside it. It holds
-    tensors, strings, numbers, lists and dicts only, so it loads under ``weights_only=True``."""
-    if arch not in ARCHITECTURES:
-        raise RequestError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    tensors, strings, numbers, lists and dicts only, so it loads under ``weights_only=True``.
+
+    ``arch`` is a bundled architecture or a factory spec (``file.py:function``,
+    ``package.module:function``; a file is recorded by its absolute path), whose module
+    ``head`` was replaced to fit the labels; loading the checkpoint calls the factory again.
+    """
+    factory = None
+    if factories.is_factory(arch):
+        where, function = factories.split_spec(arch)  # type: ignore[misc]
+        if where.endswith(".py"):
+            where = str(Path(where).expanduser().resolve())
+        factory, arch = f"{where}:{function}", "factory"
+    elif arch not in ARCHITECTURES:
+        raise RequestError(
+            f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}, or a factory "
+            "file.py:function / package.module:function"
+        )
     if model.labels is None or model.input_size is None:
         raise RequestError("a checkpoint needs a model with labels and an input size")
     if model.mean is None or model.std is None:
@@ -134,6 +153,7 @@ def make_checkpoint(
     return {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
+        **({"factory": factory, "head": head} if factory is not None else {}),
         "name": model.name,
         "state_dict": state,
         "labels": list(model.labels),
@@ -151,10 +171,11 @@ def save_checkpoint(
     model: Model,
     training: dict[str, Any] | None = None,
     arch: str = "efficientnet-lite0",
+    head: str | None = None,
 ) -> Path:
     """Write ``model``'s checkpoint (:func:`make_checkpoint`) to ``path``, atomically; it loads
     with :func:`load_model`."""
-    return save_torch(make_checkpoint(model, training, arch), path)
+    return save_torch(make_checkpoint(model, training, arch, head), path)
 
 
 # fields every checkpoint needs; the others have defaults (those of the bundled Lite0) and are
@@ -203,9 +224,16 @@ def check_checkpoint(checkpoint: Any) -> None:
             raise RequestError(f"checkpoint lacks the field {field!r}")
     checkpoint = {**DEFAULTS, **checkpoint}
     arch = checkpoint["arch"]
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+    if arch == "factory":
+        if not factories.is_factory(checkpoint.get("factory")):
+            raise RequestError(
+                "checkpoint field 'factory' must be file.py:function or package.module:function, "
+                f"not {_short(checkpoint.get('factory'))}"
+            )
+    elif not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise RequestError(
-            f"checkpoint field 'arch' must be one of {', '.join(ARCHITECTURES)}, not {_short(arch)}"
+            f"checkpoint field 'arch' must be one of {', '.join(ARCHITECTURES)} or 'factory', "
+            f"not {_short(arch)}"
         )
     labels = checkpoint["labels"]
     if not isinstance(labels, (list, tuple)) or not labels:
@@ -246,7 +274,7 @@ def check_checkpoint(checkpoint: Any) -> None:
         raise RequestError(
             f"checkpoint field 'crop' must be a number in (0, 1], not {_short(crop)}"
         )
-    for field in ("name", "cam_layer"):
+    for field in ("name", "cam_layer", "head"):
         value = checkpoint.get(field)
         if value is not None and not isinstance(value, str):
             raise RequestError(f"checkpoint field {field!r} must be a string, not {_short(value)}")
@@ -255,55 +283,87 @@ def check_checkpoint(checkpoint: Any) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise RequestError("checkpoint field 'state_dict' must be a dict of tensors")
-    head = state.get(f"{HEAD}.weight")
-    if head is not None and head.dim() == 2 and head.shape[0] != len(labels):
+    head_name = _head(checkpoint)
+    head = state.get(f"{head_name}.weight") if head_name else None
+    if head is not None and head.dim() in (2, 4) and head.shape[0] != len(labels):
         raise RequestError(
             f"checkpoint field 'labels' has {len(labels)} names but the weights' head "
-            f"({HEAD}.weight) has {head.shape[0]} classes"
+            f"({head_name}.weight) has {head.shape[0]} classes"
         )
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise RequestError(f"checkpoint field 'state_dict': {key} holds NaN or infinite values")
 
 
+def _head(checkpoint: dict[str, Any]) -> str | None:
+    """The name of the classifier head whose rows are the classes (``None``: unknown)."""
+    return checkpoint.get("head") if checkpoint.get("arch") == "factory" else HEAD
+
+
 def from_checkpoint(checkpoint: dict[str, Any]) -> Model:
     """A :class:`Model` from a checkpoint dict written by ``convlens train``; a malformed one
-    is refused naming the field (:func:`check_checkpoint`)."""
+    is refused naming the field (:func:`check_checkpoint`). A checkpoint of a factory
+    (``convlens train --arch file.py:function``) calls that factory: it runs that code."""
     check_checkpoint(checkpoint)
     checkpoint = {**DEFAULTS, **checkpoint}
     labels = list(checkpoint["labels"])
-    module = _architecture(checkpoint["arch"], len(labels))
+    head = _head(checkpoint)
+    if checkpoint["arch"] == "factory":
+        module = factories.build(checkpoint["factory"])
+        if head is not None:
+            factories.replace_head(module, len(labels), head)
+        arch = checkpoint["factory"]
+    else:
+        module = _architecture(checkpoint["arch"], len(labels))
+        arch = checkpoint["arch"]
     expected = module.state_dict()
     state = checkpoint["state_dict"]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        what = f"lacks {missing[0]!r}" if missing else f"has an unexpected {unexpected[0]!r}"
+    weight = f"{head}.weight"
+    if weight in expected and weight in state and state[weight].shape != expected[weight].shape:
         raise RequestError(
-            f"checkpoint field 'state_dict' does not fit {checkpoint['arch']}: it {what} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected)"
+            f"checkpoint field 'labels' has {len(labels)} names, which does not fit the "
+            f"weights' head: {weight} has shape {tuple(state[weight].shape)}"
         )
-    for key, value in expected.items():
-        if state[key].shape != value.shape and key.startswith(f"{HEAD}."):
-            raise RequestError(
-                f"checkpoint field 'labels' has {len(labels)} names, which does not fit the "
-                f"weights' head: {key} has shape {tuple(state[key].shape)}"
-            )
-        if state[key].shape != value.shape:
-            raise RequestError(
-                f"checkpoint field 'state_dict': {key} has shape {tuple(state[key].shape)}, "
-                f"{checkpoint['arch']} needs {tuple(value.shape)}"
-            )
+    factories.check_fit(module, state, f"checkpoint field 'state_dict' does not fit {arch}:")
     module.load_state_dict(state)
+    lite = checkpoint["arch"] != "factory"
     return Model(
         module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
         input_size=tuple(checkpoint["input_size"]),
         mean=checkpoint["mean"],
         std=checkpoint["std"],
         labels=labels,
-        cam_layer=checkpoint.get("cam_layer", HEAD_LAYER),
+        cam_layer=checkpoint.get("cam_layer", HEAD_LAYER if lite else None),
         crop=float(checkpoint["crop"]),
         name=checkpoint.get("name") or checkpoint["arch"],
+    )
+
+
+def from_factory(
+    spec: str,
+    weights: str | os.PathLike | None = None,
+    labels: str | os.PathLike | list[str] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    mean: tuple[float, ...] | list[float] | None = None,
+    std: tuple[float, ...] | list[float] | None = None,
+) -> Model:
+    """Your model from a factory (``file.py:function`` or ``package.module:function``, called
+    with no arguments; this runs that code), with a state dict ``weights`` (read with
+    ``weights_only=True``), ``labels`` (a list, or a file: one per line or a JSON list) and the
+    preprocessing (``input_size``, default 224; ``mean``/``std``, default ImageNet's)."""
+    if isinstance(labels, (str, os.PathLike)):
+        labels = factories.read_labels(labels)
+    module = factories.build(spec)
+    if weights is not None:
+        factories.load_weights(module, weights)
+    _, function = factories.split_spec(spec)  # type: ignore[misc]
+    return Model(
+        module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
+        input_size=input_size if input_size is not None else (224, 224),
+        mean=mean if mean is not None else IMAGENET_MEAN,
+        std=std if std is not None else IMAGENET_STD,
+        labels=labels,
+        name=function,
     )
 
 
@@ -366,20 +426,45 @@ def shapes_cnn() -> Model:
 ZOO = {"efficientnet-lite0": efficientnet_lite0, "shapes-cnn": shapes_cnn}
 
 
-def load_model(path: str | os.PathLike | None = None) -> Model:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    weights: str | os.PathLike | None = None,
+    labels: str | os.PathLike | list[str] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    mean: tuple[float, ...] | list[float] | None = None,
+    std: tuple[float, ...] | list[float] | None = None,
+) -> Model:
     """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
-    (``"efficientnet-lite0"``, ``"shapes-cnn"``), or a checkpoint from ``convlens train``
-    (:func:`save_checkpoint`).
+    (``"efficientnet-lite0"``, ``"shapes-cnn"``), a checkpoint from ``convlens train``
+    (:func:`save_checkpoint`), or a factory ``file.py:function`` / ``package.module:function``
+    (:func:`from_factory`, which takes ``weights``, ``labels``, ``input_size``, ``mean`` and
+    ``std``; the others carry their own).
 
-    Checkpoints are read with ``torch.load(..., weights_only=True)``: no code is run.
+    Checkpoints are read with ``torch.load(..., weights_only=True)``. A checkpoint of
+    ``convlens train --arch file.py:function`` calls that factory again: loading it runs that
+    file, as importing it would.
     """
+    options = {"weights": weights, "labels": labels, "input_size": input_size, "mean": mean}
+    options["std"] = std
+    if isinstance(path, str) and factories.is_factory(path) and not Path(path).is_file():
+        return from_factory(path, **options)
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise RequestError(
+            f"{given[0]} is for a factory model (file.py:function or package.module:function); "
+            f"{path or 'the bundled model'} carries its own"
+        )
     if path is None:
         return efficientnet_lite0()
     if isinstance(path, str) and path in ZOO and not Path(path).exists():
         return ZOO[path]()
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} (bundled models: {', '.join(ZOO)})")
+        raise FileNotFoundError(
+            f"model not found: {path} (give a bundled name: {', '.join(ZOO)}; a checkpoint "
+            "file; or a factory file.py:function / package.module:function)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -387,9 +472,23 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RequestError(
             f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
-            "model build the nn.Module yourself and use cl.wrap(module, ...)"
+            "model give its factory (file.py:function) with --weights, or use cl.wrap(module)"
         )
+    factory = checkpoint.get("factory")
+    if checkpoint.get("arch") == "factory" and factories.is_factory(factory):
+        checkpoint = {**checkpoint, "factory": _moved(factory, path)}
     try:
         return from_checkpoint(checkpoint)
     except RequestError as error:
         raise type(error)(f"{path}: {error}") from None
+
+
+def _moved(spec: str, checkpoint: Path) -> str:
+    """A factory file recorded in a checkpoint, or the file of that name beside the checkpoint
+    when the recorded one is gone (a project folder moved to another machine)."""
+    where, function = factories.split_spec(spec)  # type: ignore[misc]
+    if where.endswith(".py") and not Path(where).is_file():
+        beside = checkpoint.parent / Path(where).name
+        if beside.is_file():
+            return f"{beside}:{function}"
+    return spec

@@ -7,12 +7,16 @@
 - :func:`localization`: Zhou et al. 2016 (CAM, 20% of the maximum) and Selvaraju et al. 2017
   (Grad-CAM, 15%): threshold the map, box the largest connected component, IoU with the
   ground truth; a hit at IoU >= 0.5.
+- :func:`localization_error`: Zhou et al. 2016, "Learning Deep Features for Discriminative
+  Localization" (CVPR), section 3.1: the ILSVRC top-1 and top-5 localisation error, where a
+  prediction is right when its class is right and its map's box has IoU >= 0.5.
 - :func:`saliency_segmentation`: Simonyan et al. 2014, "Deep Inside Convolutional Networks",
   section 6: object masks grown from the saliency map's strongest and weakest pixels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +30,13 @@ from convlens.metrics.common import as_boxes, heatmaps
 
 __all__ = [
     "Localization",
+    "LocalizationError",
     "box_iou",
     "energy_pointing_game",
     "heatmap_box",
     "localization",
+    "localization_error",
+    "paper_threshold",
     "pointing_game",
     "saliency_segmentation",
 ]
@@ -37,6 +44,12 @@ __all__ = [
 # thresholds of the papers, as a fraction of the map's maximum
 THRESHOLDS = {"cam": 0.20}
 DEFAULT_THRESHOLD = 0.15
+
+
+def paper_threshold(method: str | None) -> float:
+    """The fraction of the maximum a method's map is thresholded at to box it: 20% for CAM
+    (Zhou et al. 2016), 15% for the others (Selvaraju et al. 2017)."""
+    return THRESHOLDS.get(method or "", DEFAULT_THRESHOLD)
 
 
 def _inside(height: int, width: int, boxes: Tensor) -> Tensor:
@@ -138,18 +151,101 @@ def localization(
     heat = heatmaps(attribution)
     per_image = as_boxes(boxes, len(heat))
     if threshold is None:
-        method = attribution.method if isinstance(attribution, Explanation) else ""
-        threshold = THRESHOLDS.get(method, DEFAULT_THRESHOLD)
-    if not 0 <= threshold <= 1:
-        raise RequestError(
-            f"threshold must be a fraction of the maximum in [0, 1], not {threshold}"
+        threshold = paper_threshold(
+            attribution.method if isinstance(attribution, Explanation) else None
         )
+    _check_threshold(threshold)
     predicted = torch.stack([heatmap_box(map_.numpy(), threshold) for map_ in heat])
     iou = torch.stack(
         [box_iou(p, truth).max() for p, truth in zip(predicted, per_image, strict=True)]
     )
     hit = iou >= 0.5
     return Localization(predicted, iou, hit, float(hit.double().mean()), threshold)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 <= threshold <= 1:
+        raise RequestError(
+            f"threshold must be a fraction of the maximum in [0, 1], not {threshold}"
+        )
+
+
+@dataclass(frozen=True)
+class LocalizationError:
+    """ILSVRC-style localisation error (Zhou et al. 2016).
+
+    ``top1`` and ``top5``: the share of images localised wrongly by the most probable class,
+    and by every one of the ``k`` most probable; ``correct`` (B, K): whether the j-th predicted
+    class is one of the image's and the box of its map overlaps a box of that class with IoU
+    >= 0.5; ``iou`` (B, K): that best IoU (0 when the class is not one of the image's);
+    ``k``: the classes counted for ``top5`` (5, or all of them with fewer classes);
+    ``threshold``: the fraction of the maximum the maps were boxed at.
+    """
+
+    top1: float
+    top5: float
+    correct: Tensor
+    iou: Tensor
+    k: int
+    threshold: float
+
+
+def localization_error(
+    maps: Tensor | Sequence[Sequence[Tensor | None]],
+    predicted: Any,
+    boxes: Any,
+    classes: Sequence[Sequence[int]],
+    threshold: float | None = None,
+    k: int = 5,
+) -> LocalizationError:
+    """Top-1 and top-5 localisation error (Zhou et al. 2016, "Learning Deep Features for
+    Discriminative Localization", CVPR, section 3.1, the ILSVRC localisation protocol).
+
+    An image is localised by its j-th predicted class when that class is one of the image's
+    (the classes of its ground-truth boxes) and the box of the class's map
+    (:func:`heatmap_box`: the largest connected region above ``threshold`` of the maximum,
+    20% as in the paper by default) has IoU >= 0.5 with a ground-truth box of that class.
+    Top-1 error: the share of images not localised by their most probable class; top-5
+    error: not localised by any of the ``k`` most probable.
+
+    Args:
+        maps: (B, K, H, W), or per image K maps (H, W): the map of each predicted class. A
+            class that is not one of the image's needs no map (``None``): it is wrong anyway.
+        predicted: (B, K) class indices, the most probable first.
+        boxes: per image, its ground-truth boxes (M, 4) (see ``as_boxes``).
+        classes: per image, the class of each of its M boxes.
+    """
+    threshold = paper_threshold("cam") if threshold is None else float(threshold)
+    _check_threshold(threshold)
+    ranked = torch.as_tensor(predicted).long()
+    if ranked.dim() != 2 or ranked.shape[1] == 0:
+        raise RequestError(f"predicted must be (B, K) class indices, not {tuple(ranked.shape)}")
+    per_image = as_boxes(boxes, len(ranked))
+    if len(maps) != len(ranked) or len(classes) != len(ranked):
+        raise RequestError(
+            f"got {len(maps)} images of maps and {len(classes)} of box classes for "
+            f"{len(ranked)} images of predictions"
+        )
+    iou = torch.zeros(ranked.shape, dtype=torch.float64)
+    for b, (truth, wanted) in enumerate(zip(per_image, classes, strict=True)):
+        owners = torch.as_tensor(list(wanted), dtype=torch.long).reshape(-1)
+        if len(owners) != len(truth):
+            raise RequestError(f"image {b} has {len(truth)} boxes but {len(owners)} box classes")
+        if len(maps[b]) != ranked.shape[1]:
+            raise RequestError(f"image {b} has {len(maps[b])} maps for {ranked.shape[1]} classes")
+        for j, c in enumerate(ranked[b].tolist()):
+            mine = truth[owners == c]
+            if len(mine) == 0:
+                continue  # the class is wrong: its map is not read
+            if maps[b][j] is None:
+                raise RequestError(f"image {b} needs the map of its class {c} (prediction {j})")
+            box = heatmap_box(torch.as_tensor(maps[b][j]).detach().cpu().numpy(), threshold)
+            iou[b, j] = box_iou(box, mine).max()
+    correct = iou >= 0.5
+    k = min(k, ranked.shape[1])
+    top1 = 1.0 - float(correct[:, 0].double().mean())
+    top5 = 1.0 - float(correct[:, :k].any(dim=1).double().mean())
+    return LocalizationError(top1, top5, correct, iou, k, threshold)
 
 
 def saliency_segmentation(

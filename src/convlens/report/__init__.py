@@ -1,7 +1,18 @@
 """The HTML report of ``convlens explain``: :func:`explain_images` checks the request, does
-the work and writes the report folder as one unit (pictures, ``results.json``, ``index.html``),
-returning the document; :func:`write` renders a document into a folder again."""
+the work and writes the report folder as one unit (pictures, ``results.json``, ``index.html``,
+optionally each image's attributions as ``.npz``), returning the document; :func:`write`
+renders a document into a folder again. :class:`Top` asks for one map per each of the k most
+probable classes; :func:`load_background` draws a reference set from the user's images.
+:func:`evaluate_images` scores methods on the user's images and boxes (``convlens evaluate``)."""
 
+from convlens.report.evaluation import check_evaluation, evaluate_images
+from convlens.report.inputs import (
+    Background,
+    Top,
+    background_files,
+    load_background,
+    with_background,
+)
 from convlens.report.page import render, write
 from convlens.report.run import (
     check_methods,
@@ -12,11 +23,18 @@ from convlens.report.run import (
 )
 
 __all__ = [
+    "Background",
+    "Top",
+    "background_files",
+    "check_evaluation",
     "check_methods",
     "check_report_folder",
     "check_request",
+    "evaluate_images",
     "explain_images",
+    "load_background",
     "ranking",
     "render",
+    "with_background",
     "write",
 ]

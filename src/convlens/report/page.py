@@ -18,7 +18,7 @@ __all__ = ["render", "write"]
 
 
 @lru_cache(maxsize=1)
-def _environment() -> Any:
+def environment() -> Any:
     import jinja2
 
     return jinja2.Environment(
@@ -30,14 +30,24 @@ def _environment() -> Any:
     )
 
 
-def _number(value: Any, digits: int = 3) -> str:
+def number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _target(value: Any) -> str:
+    """A recorded target as the command line writes it: ``predicted``, ``285``, ``top:3``,
+    ``contrast:285,281``, ``channel:LAYER:C``, ``neuron:LAYER:C:Y:X``."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((kind, parts),) = value.items()
+        joined = ",".join if kind == "contrast" else ":".join
+        return f"{kind}:{joined(str(part) for part in parts)}"
+    return str(value)
 
 
 def render(document: dict[str, Any]) -> str:
     """The report page for ``document`` (as built by ``report.explain_images``)."""
-    template = _environment().get_template("report.html")
-    return template.render(doc=document, num=_number)
+    template = environment().get_template("report.html")
+    return template.render(doc=document, num=number, target=_target)
 
 
 def write(out: str | Path, document: dict[str, Any]) -> Path:

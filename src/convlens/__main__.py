@@ -1,0 +1,7 @@
+"""``python -m convlens``: the command line."""
+
+import sys
+
+from convlens.cli import main
+
+sys.exit(main())

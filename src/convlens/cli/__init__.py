@@ -1,0 +1,262 @@
+"""The ``convlens`` command line: the parser and :func:`main` (the commands are in
+``convlens.cli.commands``, the parsing of what was asked in ``convlens.cli.requests``).
+
+convlens explain IMAGE... --methods saliency,guided_backprop --target 285 --out DIR
+convlens explain --samples --methods all --out demo-output
+convlens methods
+convlens evaluate --methods all --out evaluation
+convlens evaluate photos/*.jpg --model nets.py:resnet50 --boxes boxes.csv --methods gradcam
+convlens features class-model --target 281 --out features/
+convlens train photos/ --out skin.pt && convlens explain x.jpg --model skin.pt --methods all
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from convlens.checks import RequestError
+from convlens.cli import commands
+from convlens.cli.requests import TARGET_FORMS, UsageError
+from convlens.files import printable
+from convlens.images import ImageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
+
+MODEL_OPTIONS = ("weights", "labels", "input_size", "mean", "std")
+
+
+def model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--model SPEC`` and the options of a factory model, in their own help section."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", metavar="SPEC",
+        help="a bundled name (efficientnet-lite0, shapes-cnn), a checkpoint of `convlens train`, "
+        "or a factory path/to/file.py:function or package.module:function returning an "
+        f"nn.Module (this runs that code) (default: {default})",
+    )  # fmt: skip
+    factory_arguments(group, "a factory model's")
+
+
+def factory_arguments(group: Any, whose: str, labels: bool = True) -> None:
+    group.add_argument(
+        "--weights", metavar="FILE", help=f"{whose} state dict (read with weights_only=True)"
+    )
+    if labels:
+        group.add_argument(
+            "--labels", metavar="FILE", help=f"{whose} class names: one per line, or a JSON list"
+        )
+    group.add_argument("--input-size", metavar="H[,W]", help="input size in pixels (default 224)")
+    group.add_argument(
+        "--mean", metavar="R,G,B", help=f"{whose} normalisation mean (default ImageNet's)"
+    )
+    group.add_argument(
+        "--std", metavar="R,G,B", help=f"{whose} normalisation std (default ImageNet's)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convlens", description="Explain and interpret convolutional image classifiers."
+    )
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    explain = subcommands.add_parser("explain", help="explain predictions on images")
+    explain.add_argument("images", nargs="*", help="image files")
+    explain.add_argument("--samples", action="store_true", help="also use the bundled photos")
+    model_arguments(explain, "efficientnet-lite0")
+    explain.add_argument(
+        "--methods", default="saliency", help="NAME[,NAME...] or 'all' (see `convlens methods`)"
+    )
+    explain.add_argument("--target", help=f"what to explain: {TARGET_FORMS}; default predicted")
+    explain.add_argument(
+        "--targets-file", metavar="CSV",
+        help="one target per image: a CSV with the header image,target (an image by its path "
+        "as given, else its file name; the target in any --target form); its rows win over "
+        "--target, which the images without a row keep",
+    )  # fmt: skip
+    explain.add_argument("--layer", help="the layer the CAM family explains (default: the last "
+                         "feature map the classifier reads)")  # fmt: skip
+    explain.add_argument("--out", default="convlens-output", help="output folder")
+    explain.add_argument("--batch-size", type=int, default=None, help="images per model call")
+    explain.add_argument("--seed", type=int, default=0, help="seed of random methods")
+    explain.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method parameter: steps=32 (every selected method that takes it) or "
+        "rise.n_masks=1000 (one method); baseline=mean is the mean image of the --background "
+        "set when one is given, else each image's mean colour",
+    )
+    explain.add_argument(
+        "--background", action="append", default=[], metavar="DIR_OR_FILE",
+        help="reference images (a folder, searched recursively, or an image file; repeat for "
+        "more): the baseline set of DeepSHAP (--param deeplift.shap=True, which needs it) and "
+        "gradient_shap, unless a --param gives a baseline",
+    )  # fmt: skip
+    explain.add_argument(
+        "--background-size", type=int, default=32, metavar="K",
+        help="images drawn from --background with --seed (all when fewer; default 32)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--save-attributions", action="store_true",
+        help="also write each image's attributions (every method) as <image>_attributions.npz, "
+        "float32 arrays named by method (method@RANK with top:K)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--features", action="store_true",
+        help="add indirect explanations of each predicted class (class model, top patches)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--curve-steps", type=int, default=20, help="steps of the deletion/insertion curves"
+    )
+    explain.add_argument(
+        "--feature-steps", type=int, default=256, help="optimisation steps of class model images"
+    )
+    explain.set_defaults(run=commands.run_explain)
+
+    trainer = subcommands.add_parser(
+        "train",
+        help="fine-tune the bundled EfficientNet-Lite0, or your network, on an image folder",
+    )
+    trainer.add_argument("data_dir", help="folder with one sub-folder of images per class")
+    trainer.add_argument("--out", default="model.pt", help="checkpoint to write")
+    network = trainer.add_argument_group("network (default: the bundled EfficientNet-Lite0)")
+    network.add_argument(
+        "--arch", metavar="SPEC",
+        help="a factory path/to/file.py:function or package.module:function returning the "
+        "nn.Module to fine-tune (pretrained weights are its business; this runs that code, and "
+        "so does loading the checkpoint)",
+    )  # fmt: skip
+    network.add_argument(
+        "--head", metavar="NAME", help="the classifier module to replace (default: last nn.Linear)"
+    )
+    factory_arguments(network, "the --arch network's", labels=False)
+    network.set_defaults(input_size=None)
+    trainer.add_argument("--image-size", type=int, default=224, help=argparse.SUPPRESS)
+    trainer.add_argument("--epochs", type=int, default=8)
+    trainer.add_argument("--batch-size", type=int, default=16)
+    trainer.add_argument("--lr", type=float, default=3e-3, help="learning rate of the head")
+    trainer.add_argument("--val-fraction", type=float, default=0.2, help="share per class")
+    trainer.add_argument(
+        "--fine-tune-all", action="store_true",
+        help="also train the backbone (at lr/10); default: only the new head",
+    )  # fmt: skip
+    trainer.add_argument("--no-augment", action="store_true", help="no random crops/flips")
+    trainer.add_argument(
+        "--no-class-weights", action="store_true", help="do not weight classes by frequency"
+    )
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.set_defaults(run=commands.run_train)
+
+    evaluate = subcommands.add_parser(
+        "evaluate",
+        help="score methods on your images (with their boxes), or on synthetic shapes with "
+        "known answers",
+    )
+    evaluate.add_argument(
+        "images", nargs="*", help="image files (without any: the shapes benchmark, --shapes N)"
+    )
+    evaluate.add_argument(
+        "--boxes", metavar="FILE",
+        help="the images' object boxes, in original pixels: a CSV (image,x0,y0,x1,y1[,label]), "
+        "a COCO JSON file or a folder of Pascal VOC XML files",
+    )  # fmt: skip
+    evaluate.add_argument("--methods", default="all", help="NAME[,NAME...] or 'all'")
+    model_arguments(evaluate, "efficientnet-lite0; shapes-cnn for the shapes benchmark")
+    evaluate.add_argument(
+        "--shapes", type=int, metavar="N", default=None,
+        help="the shapes benchmark on N synthetic images (the default without images: 16)",
+    )  # fmt: skip
+    evaluate.add_argument("--images", dest="shapes", type=int, help=argparse.SUPPRESS)
+    evaluate.add_argument(
+        "--sanity-images", type=int, default=4, help="shapes: images for the randomisation check"
+    )
+    evaluate.add_argument(
+        "--data-seed", type=int, default=1000, help="shapes: seed of the test images"
+    )
+    evaluate.add_argument(
+        "--curve-steps", type=int, default=20, help="images: steps of the deletion/insertion curves"
+    )
+    evaluate.add_argument("--out", default="evaluation", help="output folder")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="images per model call")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of random methods")
+    evaluate.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="as for explain"
+    )
+    evaluate.set_defaults(run=commands.run_evaluate)
+
+    feats = subcommands.add_parser("features", help="what the network has learned (pictures)")
+    feats.add_argument("kind", choices=commands.FEATURES)
+    feats.add_argument("images", nargs="*", help="image files")
+    feats.add_argument("--samples", action="store_true", help="also use the bundled photos")
+    feats.add_argument("--shapes", type=int, default=0, metavar="N", help="N synthetic shapes")
+    model_arguments(feats, "efficientnet-lite0")
+    feats.add_argument("--layer", help="layer name (default: the CAM layer or the first conv)")
+    feats.add_argument("--channel", type=int, default=0, help="unit of `patches`")
+    feats.add_argument("--k", type=int, default=9, help="patches or neighbours to show")
+    feats.add_argument("--target", help="class index or label name of `class-model`")
+    feats.add_argument("--steps", type=int, default=None, help="optimisation steps")
+    feats.add_argument("--concepts", help="a .pt file {name: (N, H, W) bool masks} for dissect")
+    feats.add_argument("--seed", type=int, default=0)
+    feats.add_argument("--out", default="convlens-features", help="output folder")
+    feats.set_defaults(run=commands.run_features)
+
+    methods = subcommands.add_parser("methods", help="list the explanation methods")
+    methods.add_argument("--family", help="only this family (gradient, cam, ...)")
+    methods.set_defaults(run=commands.run_methods)
+    return parser
+
+
+# What ``main`` prints as one line with exit status 2: the user's request cannot be carried out
+# (a bad argument, a missing file, an unreadable image). Anything else is a bug, in convlens or
+# in the model, and keeps its traceback.
+USAGE_ERRORS = (UsageError, RequestError, FileNotFoundError, ImageError)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is so that it cleans up as after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status.
+
+    A request that cannot be carried out (:class:`UsageError`, ``convlens.checks.RequestError``,
+    a missing file, an unreadable image) is one line on stderr and status 2; any other
+    exception is a bug and propagates with its traceback (status 1 from Python).
+    """
+    args = build_parser().parse_args(argv)
+    from convlens.engine import freed_memory_kept
+
+    # SIGTERM ends the command like Ctrl-C does: its temporary files are removed; restored
+    # afterwards, so that calling main() (from a test, a notebook) leaves the process as it was
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        # glibc keeps freed memory for reuse while the command runs (2-3x faster model calls);
+        # scoped, so that calling main() (from a test, a notebook) leaves the process as it was
+        with freed_memory_kept():
+            return args.run(args)
+    except USAGE_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"convlens: error: {printable(message)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convlens: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("convlens: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
