@@ -16,13 +16,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn
 
-from convlens.datasets import shapes
+from convlens.datasets import Shapes, shapes
 from convlens.zoo import SHAPES_MEAN, SHAPES_STD, ShapesCNN
 
 SETTINGS = {
@@ -48,6 +49,33 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((predicted == labels).double().mean())
 
 
+def fit(model: nn.Module, train: Shapes, validation: Shapes, settings: dict[str, Any]) -> float:
+    """Train ``model`` on ``train`` with Adam and a cosine schedule (``settings``: ``seed``,
+    ``epochs``, ``batch_size``, ``lr``; ``flip``, default true: random horizontal flips);
+    print the loss and the ``validation`` accuracy after each epoch and return the last
+    accuracy. Also used by ``scripts/train_clever_hans.py``."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings["epochs"])
+    generator = torch.Generator().manual_seed(settings["seed"])
+    score = float("nan")
+    for epoch in range(settings["epochs"]):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        for batch in order.split(settings["batch_size"]):
+            images = train.images[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # shapes are symmetric
+            if settings.get("flip", True):
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            loss = nn.functional.cross_entropy(model(normalise(images)), train.labels[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        schedule.step()
+        score = accuracy(model, validation.images, validation.labels)
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, validation accuracy {score:.4f}")
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="src/convlens/data/shapes_cnn.pt")
@@ -65,24 +93,8 @@ def main() -> None:
         model = find_factory(args.arch)(pretrained=False)
     else:
         model = ShapesCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=SETTINGS["lr"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, SETTINGS["epochs"])
-    generator = torch.Generator().manual_seed(SETTINGS["seed"])
     start = time.perf_counter()
-    for epoch in range(SETTINGS["epochs"]):
-        model.train()
-        order = torch.randperm(len(train), generator=generator)
-        for batch in order.split(SETTINGS["batch_size"]):
-            images = train.images[batch]
-            flip = torch.rand(len(batch), generator=generator) < 0.5  # shapes are symmetric
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            loss = nn.functional.cross_entropy(model(normalise(images)), train.labels[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        schedule.step()
-        score = accuracy(model, validation.images, validation.labels)
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, validation accuracy {score:.4f}")
+    score = fit(model, train, validation, SETTINGS)
     out = Path(args.out)
     torch.save(model.state_dict(), out)
     record = {

@@ -3,7 +3,7 @@
 Debian's ``chromium`` (``/usr/bin/chromium``; ``make test`` installs it when missing) is
 started with a fresh profile and no background networking, and one page is controlled through
 its DevTools websocket: navigate, evaluate JavaScript, collect console errors and exceptions,
-take screenshots.
+take screenshots, narrow the window.
 """
 
 from __future__ import annotations
@@ -130,6 +130,15 @@ class Chromium:
         if "exceptionDetails" in result:
             raise RuntimeError(f"JavaScript error: {result['exceptionDetails']}")
         return result["result"].get("value")
+
+    def set_width(self, width: int, height: int = 1000) -> None:
+        """Lay the page out in a ``width`` x ``height`` window (CSS pixels), as a narrow
+        browser window would."""
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width, height=height, deviceScaleFactor=1, mobile=False,
+        )  # fmt: skip
+        self.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions and failed loads seen since the page opened."""

@@ -5,6 +5,7 @@ boxes mapped into model-input pixels exactly as ``Model.preprocess`` moves the p
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import convlens as cl
-from convlens.boxes import Box, image_size, map_boxes, match_image, read_boxes
+from convlens.boxes import Box, image_key, image_size, map_boxes, match_image, read_boxes
 from convlens.checks import RequestError
 from convlens.model import as_model
 
@@ -41,6 +42,24 @@ def test_csv_with_and_without_labels(tmp_path):
     }
     plain = write(tmp_path / "c.csv", "x1,y1,image,x0,y0\n7,8,a.png,1,2\n")  # any column order
     assert read_boxes(plain) == {"a.png": [Box(1, 2, 7, 8, None)]}
+    assert read_boxes(plain).sizes == {}  # a CSV file states no sizes
+
+
+def test_csv_rows_of_one_image_spelled_two_ways_are_merged(tmp_path):
+    path = write(
+        tmp_path / "b.csv",
+        "image,x0,y0,x1,y1\n./sq.png,0,0,5,5\nsq.png,1,1,6,6\n"
+        "d\\x.png,0,0,2,2\nd/x.png,1,1,3,3\n./d/./x.png,2,2,4,4\n",
+    )
+    boxes = read_boxes(path)
+    assert boxes == {
+        "./sq.png": [Box(0, 0, 5, 5), Box(1, 1, 6, 6)],
+        "d\\x.png": [Box(0, 0, 2, 2), Box(1, 1, 3, 3), Box(2, 2, 4, 4)],
+    }
+    assert match_image(boxes, "sq.png") == "./sq.png" and match_image(boxes, "d/x.png") == (
+        "d\\x.png"
+    )
+    assert image_key("./d\\x.png") == image_key("d/x.png") == "d/x.png"
 
 
 @pytest.mark.parametrize(
@@ -96,9 +115,35 @@ def test_coco(tmp_path):
         "val/b.jpg": [Box(0, 0, 5, 5, "tench")],  # crowd regions are kept
         "empty.jpg": [],  # an image without annotations: listed, with no boxes
     }
+    assert read_boxes(path).sizes == {"a.jpg": (80, 100), "val/b.jpg": (50, 50)}  # (h, w)
     no_categories = {k: v for k, v in COCO.items() if k != "categories"}
     path = write(tmp_path / "plain.json", json.dumps(no_categories))
     assert read_boxes(path)["a.jpg"][0] == Box(10, 20, 40.5, 60, None)
+
+
+def test_coco_sizes_and_images_spelled_two_ways(tmp_path):
+    data = {
+        "images": [
+            {"id": 1, "file_name": "./a.jpg", "width": 100, "height": 80},
+            {"id": 2, "file_name": "a.jpg"},  # the same image, its size not stated again
+            {"id": 3, "file_name": "b.jpg", "width": 0, "height": 0},  # 0: unknown
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [0, 0, 5, 5]},
+            {"id": 2, "image_id": 2, "bbox": [1, 1, 5, 5]},
+        ],
+    }
+    boxes = read_boxes(write(tmp_path / "c.json", json.dumps(data)))
+    assert boxes == {"./a.jpg": [Box(0, 0, 5, 5), Box(1, 1, 6, 6)], "b.jpg": []}
+    assert boxes.sizes == {"./a.jpg": (80, 100)}
+    data["images"][1] |= {"width": 80, "height": 100}
+    with pytest.raises(RequestError, match=r"images\[1\] \(id 2\): image 'a\.jpg' is 80x100 here "
+                       r"but 100x80 earlier in the file"):  # fmt: skip
+        read_boxes(write(tmp_path / "c.json", json.dumps(data)))
+    for width, shown in ((-3, "-3"), (12.5, "12.5"), ("wide", "'wide'")):
+        data["images"][1] |= {"width": width}
+        with pytest.raises(RequestError, match=rf"images\[1\] \(id 2\): width.*{re.escape(shown)}"):
+            read_boxes(write(tmp_path / "c.json", json.dumps(data)))
 
 
 def _coco_with(change):
@@ -174,6 +219,20 @@ def test_voc_folder_is_one_based_inclusive(tmp_path):
         "ILSVRC2012_val_00000002": [],
     }
     assert read_boxes(folder / "1.xml") == {"1.jpg": read_boxes(folder)["1.jpg"]}
+    assert read_boxes(folder).sizes == {}  # <size> without a <height>: not checked
+
+
+def test_voc_sizes(tmp_path):
+    size = "<size><width>{}</width><height>{}</height><depth>3</depth></size>"
+    write(tmp_path / "a.xml", f"<annotation><filename>a.jpg</filename>{size.format(64, 48)}"
+                              "</annotation>")  # fmt: skip
+    write(tmp_path / "b.xml", f"<annotation><filename>b.jpg</filename>{size.format(0, 0)}"
+                              "</annotation>")  # fmt: skip
+    assert read_boxes(tmp_path).sizes == {"a.jpg": (48, 64)}
+    write(tmp_path / "b.xml", f"<annotation><filename>b.jpg</filename>{size.format(9, 'x')}"
+                              "</annotation>")  # fmt: skip
+    with pytest.raises(RequestError, match=r"b\.xml: <height> is not a number: 'x'"):
+        read_boxes(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -209,6 +268,9 @@ def test_voc_refuses_two_files_for_one_image_and_an_empty_folder(tmp_path):
     write(tmp_path / "b.xml", voc("x.jpg", ("dog", (1, 1, 2, 2))))
     with pytest.raises(RequestError, match=r"b\.xml: image 'x\.jpg' is also described by .*a\.xml"):
         read_boxes(tmp_path)
+    write(tmp_path / "b.xml", voc("./x.jpg", ("dog", (1, 1, 2, 2))))  # the same image
+    with pytest.raises(RequestError, match=r"b\.xml: image '\./x\.jpg' is also described by"):
+        read_boxes(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RequestError, match=r"holds no \.xml files"):
         read_boxes(tmp_path / "empty")
@@ -236,6 +298,25 @@ def test_images_match_by_path_then_file_name_then_stem():
     assert match_image(boxes, "bird.png") is None
     with pytest.raises(RequestError, match="matches several images of the box file"):
         match_image(boxes, "c/x.png")
+    # a mapping built by hand with one image under two spellings: refused, not half-read
+    twice = {"./sq.png": [Box(0, 0, 1, 1)], "sq.png": [Box(1, 1, 2, 2)]}
+    with pytest.raises(RequestError, match=r"sq\.png has boxes under several spellings"):
+        match_image(twice, "sq.png")
+
+
+def test_a_targets_file_matches_paths_as_box_files_do(tmp_path):
+    from convlens.cli.requests import UsageError, read_targets_file
+
+    table = write(tmp_path / "t.csv", "image,target\n./a/c.png,1\nd\\e.png,2\n")
+    names = ["a/c.png", "b/c.png", "./d/e.png"]
+    assert read_targets_file(str(table), names) == {"a/c.png": (2, 1), "./d/e.png": (3, 2)}
+    write(table, "image,target\n./c.png,1\n")
+    assert read_targets_file(str(table), ["c.png"]) == {"c.png": (2, 1)}
+    write(table, "image,target\nc.png,1\n./c.png,2\n")
+    with pytest.raises(UsageError, match=r"line 3: '\./c\.png' already has a target \(line 2\)"):
+        read_targets_file(str(table), ["c.png"])
+    with pytest.raises(UsageError, match=r"'c\.png' is the path of 2 given images"):
+        read_targets_file(str(table), ["c.png", "./c.png"])
 
 
 # -- mapping through the preprocessing -----------------------------------------------------------

@@ -102,15 +102,22 @@ def test_superpixel_methods_also_write_their_superpixel_picture(tmp_path, photo)
     assert entry["superpixels"] in (out / "index.html").read_text()
 
 
-def test_methods_lists_names_families_and_descriptions(capsys):
+def test_methods_lists_names_families_descriptions_parameters_and_passes(capsys):
+    import convlens as cl
+    from convlens.registry import get_method
+
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(
         line.startswith("saliency") and "gradient" in line and "Simonyan" in line for line in lines
     )
-    import convlens as cl
-
-    assert len(lines) == len(cl.list_methods())
+    heads = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert heads == cl.list_methods()
+    text = "\n".join(lines)
+    assert text.count("parameters: ") == text.count("forward passes per image: ") == len(heads)
+    assert "parameters: n_masks=4000, grid=7, p=0.5" in text
+    assert "forward passes per image: 1 + n_masks (4001)" in text
+    assert all(get_method(name).passes for name in heads)
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,8 @@ def test_boxes_mapped_dropped_and_missing_are_reported(evaluated, dataset):
     assert on_disk == json.loads(json.dumps(document))  # numbers only: JSON round-trips
     assert [s["image"] for s in document["skipped"]] == [str(root / "broken.png")]
     boxes = document["boxes"]
-    assert boxes["images_with_boxes"] == 3 and boxes["boxes"] == 4
+    assert boxes["images_with_boxes"] == 3 and boxes["boxes"] == 4 and boxes["boxes_left"] == 3
+    assert boxes["images_all_cropped"] == [] and boxes["protocol"] == "per_class"
     assert boxes["without_boxes"] == [
         {"image": str(root / "nobox.png"), "reason": "not in the box file"}
     ]
@@ -114,13 +115,15 @@ def test_numbers_agree_with_the_metrics_called_directly(evaluated, dataset, mode
     readable = [s for s in sources if not s[0].endswith("broken.png")]
     x = torch.cat([model.inputs(path) for _, path in readable])
     truth = [data.boxes[i][None].float() for i in range(3)]  # the first three have boxes
+    owners = [SHAPES.index(labels[i]) for i in range(3)]
     tolerance = 15 * 64 / 224
     for method in METHODS:
         e = cl.explain(model, x, method, progress=False)
         row = next(r for r in document["summary"] if r["method"] == method)
-        boxed = cl.explain(model, x[:3], method, progress=False)
+        # per class (Zhang et al. 2016): each image's box against its labelled class's map
+        boxed = cl.explain(model, x[:3], method, target=owners, progress=False)
         found = localization(boxed, truth)
-        assert row["images"] == 4 and row["images_with_boxes"] == 3
+        assert row["images"] == 4 and row["images_with_boxes"] == 3 and row["scored"] == 3
         assert row["pointing"] == pytest.approx(
             float(pointing_game(boxed, truth, tolerance).double().mean())
         )
@@ -137,15 +140,16 @@ def test_numbers_agree_with_the_metrics_called_directly(evaluated, dataset, mode
             assert record["target"] == e.targets[i]
             assert record["deletion"] == pytest.approx(float(removed[i]), abs=1e-5)
             if i < 3:
-                assert record["map_box"] == found.boxes[i].float().tolist()
+                (score,) = record["scores"]
+                assert score["class"] == owners[i] and score["label"] == labels[i]
+                assert score["map_box"] == found.boxes[i].float().tolist()
         # the localisation error from every class's map, the most probable first
         ranked = model.predict(x[:3]).argsort(dim=1, descending=True)
         maps = torch.stack(
             [cl.explain(model, x[:3], method, target=ranked[:, j].tolist(),
                         progress=False).heatmap() for j in range(4)], dim=1
         )  # fmt: skip
-        owners = [[SHAPES.index(labels[i])] for i in range(3)]
-        error = localization_error(maps, ranked, truth, owners, threshold=0.15)
+        error = localization_error(maps, ranked, truth, [[c] for c in owners], threshold=0.15)
         assert row["top1_error"] == pytest.approx(error.top1)
         assert row["top5_error"] == pytest.approx(error.top5)
         for i, image in enumerate(document["images"][:3]):  # each class's IoU, as ranked
@@ -161,12 +165,16 @@ def test_markdown_and_html(evaluated, dataset):
     out = root / "out"
     markdown = (out / "evaluation.md").read_text()
     assert "Model **shapes-cnn** (input 64x64, crop 1), 4 image(s), 1 skipped" in markdown
-    assert "Boxes: 4 on 3 image(s), 1 cropped away or outside; 1 image(s) without boxes" in (
-        markdown
+    assert (
+        "Boxes: 3 box(es) on 3 image(s) after the crop (1 cropped away or outside); "
+        "1 image(s) without boxes" in markdown
     )
-    assert "| method | images | pointing game | energy in boxes | box IoU |" in markdown
-    assert sum(line.startswith("| gradcam | 4 |") for line in markdown.splitlines()) == 1
+    assert "Box scores per class, as Zhang et al. 2016" in markdown
+    heading = "| method | images | images with boxes | (image, class) pairs | pointing game |"
+    assert heading in markdown
+    assert sum(line.startswith("| gradcam | 4 | 3 | 3 |") for line in markdown.splitlines()) == 1
     page = (out / "index.html").read_text()
+    assert "<th>images with boxes</th>" in page and "Box scores per class" in page
     assert HOSTILE not in page and "<img src=x" not in page
     assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#39;q&#39;" in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
@@ -356,3 +364,191 @@ def test_boxes_go_with_images(capsys, tmp_path):
 
     assert main(["evaluate", "--boxes", "b.csv", "--out", str(tmp_path / "x")]) == 2
     assert "--boxes goes with image files" in capsys.readouterr().err
+
+
+# -- which map meets which boxes (Zhang et al. 2016) ---------------------------------------------
+
+
+@pytest.fixture
+def two_images(model, tmp_path):
+    """Two copies of one shapes picture; p is the class the model predicts for it, q another."""
+    pixels = _pixels(shapes(1, seed=3), 0)
+    for name in ("both.png", "wrong.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    p = int(model.predict(model.inputs(tmp_path / "both.png")).argmax())
+    sources = [(str(tmp_path / n), tmp_path / n) for n in ("both.png", "wrong.png")]
+    return tmp_path, sources, p, (p + 1) % len(SHAPES)
+
+
+def fixed_maps(monkeypatch):
+    """explain's maps replaced: the predicted class's (target None) on the box at (0, 0, 16, 16),
+    any other class's at rows 28..36 of the left edge, away from every box; the calls' targets
+    are recorded."""
+    import dataclasses
+
+    import convlens.api
+
+    real, calls = convlens.api.explain, []
+
+    def explain(model, x, method, target=None, **kwargs):
+        calls.append(target)
+        e = real(model, x, method, target=target, **kwargs)
+        heat = torch.zeros(1, 1, 64, 64)
+        if target is None:
+            heat[..., 4:12, 4:12] = 1
+        else:
+            heat[..., 28:36, 0:4] = 1
+        return dataclasses.replace(e, attribution=heat)
+
+    monkeypatch.setattr(convlens.api, "explain", explain)
+    return calls
+
+
+def test_boxes_are_scored_per_class_on_each_class_map(model, two_images, monkeypatch):
+    """both.png: a box of p (the predicted class) and one of q; wrong.png: p's box labelled q,
+    as for a misclassified image. q's map is scored against q's box only: the map of p on
+    p's box is no hit for q, and each class is explained once per image."""
+    root, sources, p, q = two_images
+    (root / "boxes.csv").write_text(
+        "image,x0,y0,x1,y1,label\n"
+        f"both.png,0,0,16,16,{SHAPES[p]}\n"
+        f"both.png,40,40,64,64,{SHAPES[q]}\n"
+        f"wrong.png,0,0,16,16,{SHAPES[q]}\n"
+    )
+    calls = fixed_maps(monkeypatch)
+    document = evaluate_images(
+        model, sources, ["saliency"], root / "o", boxes=read_boxes(root / "boxes.csv"),
+        progress=False, log=lambda _: None,
+    )  # fmt: skip
+    assert document["boxes"]["protocol"] == "per_class"
+    both, wrong = (image["methods"]["saliency"] for image in document["images"])
+    assert [(s["class"], s["pointing"], s["energy"]) for s in both["scores"]] == [
+        (p, True, 1.0),
+        (q, False, 0.0),
+    ]
+    assert [(s["class"], s["label"], s["pointing"]) for s in wrong["scores"]] == [
+        (q, SHAPES[q], False)
+    ]
+    assert both["shown"]["class"] == p and wrong["shown"] == {"class": q, "label": SHAPES[q]}
+    (row,) = document["summary"]
+    assert row["images_with_boxes"] == 2 and row["scored"] == 3
+    assert row["pointing"] == pytest.approx(1 / 3) and row["energy"] == pytest.approx(1 / 3)
+    assert calls == [None, q, None, q]  # q's map serves the box scores and the top-5 error
+    assert "(image, class) pairs" in (root / "o" / "evaluation.md").read_text()
+
+
+def test_unlabelled_boxes_are_scored_class_agnostic_and_say_so(model, two_images, monkeypatch):
+    root, sources, _, _ = two_images
+    (root / "boxes.csv").write_text(
+        "image,x0,y0,x1,y1\nboth.png,0,0,16,16\nboth.png,40,40,64,64\nwrong.png,30,30,40,40\n"
+    )
+    calls = fixed_maps(monkeypatch)
+    said: list[str] = []
+    document = evaluate_images(
+        model, sources, ["saliency"], root / "o", boxes=read_boxes(root / "boxes.csv"),
+        progress=False, log=said.append,
+    )  # fmt: skip
+    assert document["boxes"]["protocol"] == "class_agnostic"
+    both, wrong = (image["methods"]["saliency"] for image in document["images"])
+    assert both["scores"] == [
+        {"class": None, "label": None, "pointing": True, "energy": 1.0, "iou": 0.25, "hit": False,
+         "map_box": [4.0, 4.0, 12.0, 12.0]}
+    ]  # fmt: skip
+    assert wrong["scores"][0]["pointing"] is False and "shown" not in wrong
+    (row,) = document["summary"]
+    assert row["scored"] == row["images_with_boxes"] == 2 and row["pointing"] == 0.5
+    assert calls == [None, None]
+    assert any("class-agnostic" in line for line in said)
+    markdown = (root / "o" / "evaluation.md").read_text()
+    assert "Box scores are class-agnostic: the predicted class's map" in markdown
+    assert "| method | images | images with boxes | pointing game |" in markdown
+    assert "Box scores are class-agnostic" in (root / "o" / "index.html").read_text()
+
+
+def test_an_image_with_every_box_cropped_away_is_not_counted_as_with_boxes(model, tmp_path):
+    """A 64 x 96 picture loses 16 pixels each side to the crop: a box inside that margin is
+    dropped, and the image has no boxes left to score."""
+    pixels = _pixels(shapes(1, seed=3), 0)
+    Image.fromarray(pixels).save(tmp_path / "kept.png")
+    wide = np.pad(pixels, ((0, 0), (16, 16), (0, 0)), constant_values=128)
+    Image.fromarray(wide).save(tmp_path / "cut.png")
+    boxes = {"kept.png": [Box(0, 0, 16, 16)], "cut.png": [Box(1, 1, 12, 12)]}
+    sources = [(str(tmp_path / n), tmp_path / n) for n in ("kept.png", "cut.png")]
+    out = tmp_path / "o"
+    document = evaluate_images(
+        model, sources, ["gradcam"], out, boxes=boxes, progress=False, log=lambda _: None
+    )
+    summary = document["boxes"]
+    assert summary["images_with_boxes"] == 1 and summary["boxes_left"] == 1
+    assert summary["boxes"] == 2 and summary["images_all_cropped"] == [str(tmp_path / "cut.png")]
+    (row,) = document["summary"]
+    assert row["images"] == 2 and row["images_with_boxes"] == 1
+    markdown = (out / "evaluation.md").read_text()
+    assert (
+        "Boxes: 1 box(es) on 1 image(s) after the crop (1 cropped away or outside; every box "
+        "of 1 image(s))" in markdown
+    )
+    assert "| gradcam | 2 | 1 |" in markdown
+    page = (out / "index.html").read_text()
+    assert "<th>images</th><th>images with boxes</th>" in page
+    assert "1 box(es) on 1 image(s) after the crop" in page
+
+
+# -- refused before any work: sizes the box file states, an image given twice ---------------------
+
+
+def _coco(name, width, height):
+    return json.dumps({
+        "images": [{"id": 1, "file_name": name, "width": width, "height": height}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [1, 1, 10, 10]}],
+    })  # fmt: skip
+
+
+def test_a_picture_of_another_size_than_the_box_file_states_is_refused(model, tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    sources = [("a.png", tmp_path / "a.png")]
+    cases = [
+        (30, 40, r"image a\.png is 40x30 pixels but the box file gives 30x40 for \./a\.png: "
+                 r"probably an EXIF orientation tag.*without EXIF rotation"),
+        (80, 60, r"is 40x30 pixels but the box file gives 80x60 .*a resized copy"),
+    ]  # fmt: skip
+    for width, height, message in cases:
+        (tmp_path / "c.json").write_text(_coco("./a.png", width, height))
+        with pytest.raises(RequestError, match=message) as caught:
+            check_evaluation(model, sources, ["gradcam"], None, read_boxes(tmp_path / "c.json"))
+        assert "\n" not in str(caught.value)
+    (tmp_path / "c.json").write_text(_coco("a.png", 40, 30))  # the right size
+    plan = check_evaluation(model, sources, ["gradcam"], None, read_boxes(tmp_path / "c.json"))
+    assert plan.boxes == [[Box(1, 1, 11, 11)]]
+
+
+def test_the_cli_refuses_a_picture_of_another_size_in_one_line(model, tmp_path, capsys):
+    from convlens.cli import main
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    folder = tmp_path / "voc"
+    folder.mkdir()
+    (folder / "a.xml").write_text(
+        "<annotation><filename>a.png</filename><size><width>400</width><height>300</height>"
+        "</size><object><name>x</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax>"
+        "<ymax>9</ymax></bndbox></object></annotation>"
+    )
+    out = tmp_path / "o"
+    args = ["evaluate", str(tmp_path / "a.png"), "--model", "shapes-cnn", "--boxes", str(folder)]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "400x300" in err and "resized copy" in err, err
+    assert not out.exists()
+
+
+def test_an_image_given_twice_is_refused(model, dataset, tmp_path):
+    root = dataset[0]
+    twice = [("plain.png", root / "plain.png"), ("./again", root / "." / "plain.png")]
+    with pytest.raises(RequestError, match=r"image \./again is given twice \(also as plain\.png\)"):
+        check_evaluation(model, twice, ["gradcam"], None, None)
+    (tmp_path / "link.png").symlink_to(root / "plain.png")
+    linked = [("plain.png", root / "plain.png"), ("link.png", str(tmp_path / "link.png"))]
+    with pytest.raises(RequestError, match=r"link\.png is given twice"):
+        evaluate_images(model, linked, ["gradcam"], tmp_path / "o", progress=False)
+    picture = Image.open(root / "plain.png")  # pictures in memory are not compared
+    check_evaluation(model, [("a", picture), ("b", picture)], ["gradcam"], None, None)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,9 @@ def test_train_any_architecture_then_load_its_checkpoint(tmp_path, arch):
     saved = torch.load(out, map_location="cpu", weights_only=True)
     assert saved["arch"] == "factory" and saved["factory"] == arch and saved["head"] == "fc"
     assert len(result.history) == 2
-    loaded = cl.load_model(out)
+    with pytest.raises(RequestError, match=r"by running .*zoo.py, outside the checkpoint's folder"):
+        cl.load_model(out)  # the factory is not in the checkpoint's folder: code from elsewhere
+    loaded = cl.load_model(out, trust_code=True)
     assert loaded.labels == ["circle", "square", "triangle"] and loaded.input_size == (32, 32)
     x = loaded.preprocess(sorted((data / "circle").glob("*.png"))[0])
     torch.testing.assert_close(loaded.module(x), result.model.module(x), rtol=0, atol=0)
@@ -267,7 +270,9 @@ def test_train_from_the_cli_with_arch_head_and_weights_then_explain(tmp_path, ca
     report = tmp_path / "report"
     image = sorted((data / "square").glob("*.png"))[0]
     args = ["explain", str(image), "--model", str(out), "--methods", "saliency"]
-    assert main([*args, "--out", str(report)]) == 0
+    assert main([*args, "--out", str(report)]) == 2
+    assert "--trust-code" in capsys.readouterr().err and not report.exists()
+    assert main([*args, "--trust-code", "--out", str(report)]) == 0
     results = json.loads((report / "results.json").read_text())
     assert results["images"][0]["label"] in ("circle", "square", "triangle")
 
@@ -278,7 +283,7 @@ def test_train_refuses_factory_options_without_arch_and_a_head_that_does_not_fit
     assert "--head is for --arch SPEC" in capsys.readouterr().err
     nets = _factories(tmp_path)
     common = {"image_size": 32, "epochs": 1, "progress": False, "log": quiet}
-    with pytest.raises(RequestError, match=r"'aux' replaced, .* \(1, 10\), not \(1, 3\)"):
+    with pytest.raises(RequestError, match=r"'aux' replaced, .* gives 10 outputs per image, not 3"):
         train(data, tmp_path / "b.pt", arch=f"{nets}:Aux", **common)
     assert not (tmp_path / "b.pt").exists()
     result = train(data, tmp_path / "c.pt", arch=f"{nets}:Aux", head="fc", **common)
@@ -302,3 +307,127 @@ def test_a_factory_checkpoint_finds_its_file_beside_it_after_a_move(tmp_path):
     (moved / "nets.py").unlink()
     with pytest.raises(FileNotFoundError, match="model factory file not found"):
         cl.load_model(moved / "m.pt")
+
+
+def test_labels_that_do_not_match_the_outputs_are_refused(tmp_path):
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    with pytest.raises(RequestError, match=r"2 labels were given, but .* gives 10 outputs"):
+        cl.load_model(RESNET, labels=tmp_path / "labels.txt", input_size=32)
+
+
+def _checkpoint_naming(tmp_path: Path, factory: str) -> Path:
+    """A checkpoint of the walkthrough's kind whose ``factory`` field names ``factory``."""
+    data = shapes_folder(tmp_path / "data", 2, seed=6)
+    nets = tmp_path / "nets.py"
+    nets.write_text(ZOO_FILE.read_text())
+    train(data, tmp_path / "m.pt", arch=f"{nets}:resnet_basic", epochs=1, image_size=32,
+          progress=False, log=quiet)  # fmt: skip
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    saved["factory"] = factory
+    saved.pop("factory_relative")
+    torch.save(saved, tmp_path / "evil.pt")
+    return tmp_path / "evil.pt"
+
+
+def test_a_checkpoint_cannot_make_convlens_call_any_installed_function(tmp_path):
+    """A checkpoint is data: one naming ``sys:exit`` (or any module's function) is refused
+    unless the user says it trusts that code, and a factory that exits is a one-line error."""
+    evil = _checkpoint_naming(tmp_path, "sys:exit")
+    with pytest.raises(RequestError, match="by calling sys:exit, an installed module's code"):
+        cl.load_model(evil)
+    with pytest.raises(RequestError, match="the factory 'sys:exit' exited"):
+        cl.load_model(evil, trust_code=True)
+
+
+def test_factories_that_need_arguments_are_refused(tmp_path):
+    with pytest.raises(RequestError, match=r"needs arguments \(in_features, out_features\)"):
+        cl.load_model("torch.nn:Linear")
+    with pytest.raises(RequestError, match=r"nets.py is a Python file: name its factory"):
+        cl.load_model("nets.py")
+
+
+def test_a_checkpoint_finds_its_factory_relative_to_it_after_the_folder_moved(tmp_path):
+    """The walkthrough's layout: ``shapes.pt`` at the top, the factory in ``examples/``."""
+    data = shapes_folder(tmp_path / "data", 2, seed=7)
+    project = tmp_path / "project"
+    (project / "examples").mkdir(parents=True)
+    (project / "examples" / "nets.py").write_text(ZOO_FILE.read_text())
+    arch = f"{project / 'examples' / 'nets.py'}:resnet_basic"
+    train(data, project / "shapes.pt", arch=arch, epochs=1, image_size=32, progress=False,
+          log=quiet)  # fmt: skip
+    project.rename(tmp_path / "moved")
+    model = cl.load_model(tmp_path / "moved" / "shapes.pt")
+    assert model.labels == ["circle", "square", "triangle"]
+
+
+def test_a_factory_file_imports_its_neighbours_also_lazily_and_never_another_folders(tmp_path):
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "layers.py").write_text(f"import torch\nWIDTH = {3 if name == 'a' else 5}\n")
+        (folder / "net.py").write_text(
+            "import torch\n"
+            "import layers\n"
+            "def head(width):\n"
+            "    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),\n"
+            "                               torch.nn.Linear(3, width))\n"
+            "def make():\n    return head(layers.WIDTH)\n"
+            "def lazy():\n    import layers as later\n    return head(later.WIDTH)\n"
+        )
+    assert cl.load_model(f"{tmp_path / 'a' / 'net.py'}:make").module[2].out_features == 3
+    assert cl.load_model(f"{tmp_path / 'b' / 'net.py'}:make").module[2].out_features == 5
+    assert cl.load_model(f"{tmp_path / 'a' / 'net.py'}:lazy").module[2].out_features == 3
+    assert "layers" not in sys.modules
+
+
+def test_training_is_reproducible_from_its_seed_alone(tmp_path):
+    data = shapes_folder(tmp_path / "data", 2, seed=8)
+    states = []
+    for draw in (1, 2):
+        torch.manual_seed(draw)  # the caller's random state must not matter
+        result = train(data, tmp_path / f"{draw}.pt", arch=RESNET, epochs=1, image_size=32,
+                       seed=3, progress=False, log=quiet)  # fmt: skip
+        states.append(result.model.module.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_grayscale_factory_trains_on_one_channel(tmp_path):
+    (tmp_path / "gray.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),\n"
+        "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 7))\n"
+    )
+    data = shapes_folder(tmp_path / "data", 2, seed=9)
+    result = train(data, tmp_path / "g.pt", arch=f"{tmp_path / 'gray.py'}:make", image_size=32,
+                   mean=(0.5,), std=(0.25,), epochs=1, progress=False, log=quiet)  # fmt: skip
+    assert result.model.channels == 1 and cl.load_model(tmp_path / "g.pt").channels == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--mean", "0.5"], "--mean has 1 and --std 3 value(s) (3 when not given)"),
+        (["--mean", "0.5,0.5", "--std", "1,1"], "--mean has 2 and --std 2 value(s)"),
+        (["--mean", "0.5", "--std", "0.2"], "cannot run on a blank input of shape (1, 1, 32, 32)"),
+    ],
+)
+def test_preprocessing_that_does_not_fit_the_model_is_refused_before_any_work(
+    tmp_path, capsys, options, message
+):
+    image = tmp_path / "x.png"
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    out = tmp_path / "report"
+    args = ["explain", str(image), "--model", RESNET, "--input-size", "32", *options]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_pickled_module_as_weights_gets_no_advice_to_unpickle_it(tmp_path):
+    torch.save(resnet_basic(), tmp_path / "whole.pth")
+    with pytest.raises(RequestError, match="need code to load") as caught:
+        cl.load_model(RESNET, weights=tmp_path / "whole.pth")
+    assert "weights_only=False" not in str(caught.value)

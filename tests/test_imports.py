@@ -37,7 +37,7 @@ CORE = (
     "boxes",
     "datasets",
 )
-UPPER = ("methods", "metrics", "features", "report", "cli", "api", "train")
+UPPER = ("methods", "metrics", "features", "report", "audit", "cli", "api", "train")
 # layer (module prefixes) -> what it must never import (module prefixes)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     **{core: UPPER for core in CORE},
@@ -47,9 +47,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "targets": (*UPPER, "engine", "model"),
     "hooks": (*UPPER, "engine", "model"),
     "checks": (*UPPER, *(c for c in CORE if c != "checks")),
-    "methods": ("metrics", "features", "report", "cli", "train"),
-    "metrics": ("report", "cli"),
-    "features": ("report", "cli"),
+    "methods": ("metrics", "features", "report", "audit", "cli", "train"),
+    "metrics": ("report", "audit", "cli"),
+    "features": ("report", "audit", "cli"),
+    "report": ("audit", "cli"),
+    "audit": ("cli",),
 }
 
 

@@ -179,8 +179,8 @@ def test_surrogates_recover_a_model_linear_in_its_superpixels(x, method):
 
 
 def test_lime_picture_shows_the_top_superpixels(x):
-    """Explanation.superpixels shows the k truly most positive superpixels in green and the k
-    most negative in red (the true weights of a model linear in its superpixels)."""
+    """Explanation.superpixels shows the k truly most positive superpixels in red and the k
+    most negative in blue (the true weights of a model linear in its superpixels)."""
     model, image = linear_model(), x[:1]
     e = cl.explain(
         model, image, "lime", target=2, segmentation=BLOCKS, n_samples=300, score="logit", alpha=0.0
@@ -207,7 +207,7 @@ def test_superpixel_picture_dims_all_but_the_chosen_superpixels():
     np.testing.assert_allclose(out[1:7, 1:7], img[1:7, 1:7])  # positive: as it is inside,
     assert (out[0, :8] == viz.POSITIVE).all() and (out[:8, 7] == viz.POSITIVE).all()  # outlined
     tinted = (0.65 * img[9:15, 9:15] + 0.35 * np.array(viz.NEGATIVE)).round()
-    np.testing.assert_allclose(out[9:15, 9:15], tinted)  # negative: tinted red, outlined
+    np.testing.assert_allclose(out[9:15, 9:15], tinted)  # negative: tinted blue, outlined
     assert (out[15, 8:] == viz.NEGATIVE).all()
     with pytest.raises(ValueError, match="differ in size"):
         viz.superpixel_picture(image, quadrants[:8], [0])

@@ -67,15 +67,23 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 def referenced(folder: Path) -> set[str]:
-    """The files a report's results.json refers to, with the page and results.json."""
+    """The files a report's results.json refers to (any string naming a file of the report: the
+    pictures of each card, its views and raw picture, the attributions), with the page and
+    results.json."""
     document = json.loads((folder / "results.json").read_text())
     names = {"index.html", "results.json"}
-    for image in document["images"]:
-        names.add(image["input"])
-        for entry in image["methods"].values():
-            names.update(entry[key] for key in ("file", "superpixels") if key in entry)
-    for entry in document["features"]:
-        names.update((entry["class_model"], entry["patches"]))
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and value.endswith((".png", ".npz")) and "/" not in value:
+            names.add(value)
+
+    walk(document)
     return names
 
 
@@ -226,7 +234,8 @@ def test_an_interrupted_run_leaves_the_previous_report_intact(
     first = [(str(p), p) for p in shape_files[:2]]
     report.explain_images(shapes_model, first, ["saliency"], out, progress=False)
     previous = files_of(out)
-    assert set(previous) == referenced(out) and len(previous) == 2 + 2 * 2
+    # page, results; per image: the input, the saliency map and its raw RGB picture
+    assert set(previous) == referenced(out) and len(previous) == 2 + 2 * 3
 
     _interrupt_after(monkeypatch, "saliency", 1, KeyboardInterrupt)  # after the first image
     second = [(str(p), p) for p in shape_files[2:4]]
@@ -270,11 +279,12 @@ def test_a_second_run_leaves_only_its_own_files(tmp_path, shapes_model, shape_fi
     out = tmp_path / "out"
     three = [(str(p), p) for p in shape_files[:3]]
     report.explain_images(shapes_model, three, ["saliency", "gradcam"], out, progress=False)
-    assert len(files_of(out)) == 2 + 3 * 3
+    # per image: the input, the two maps and saliency's raw RGB picture (Simonyan et al.)
+    assert len(files_of(out)) == 2 + 3 * 4
     one = [(str(shape_files[3]), shape_files[3])]
     document = report.explain_images(shapes_model, one, ["saliency"], out, progress=False)
     assert set(files_of(out)) == referenced(out)  # no stale pictures of the first run
-    assert len(files_of(out)) == 2 + 2
+    assert len(files_of(out)) == 2 + 3
     assert json.loads((out / "results.json").read_text()) == document
     assert os.listdir(tmp_path) == ["out"]
 

@@ -20,9 +20,10 @@ from convlens import report
 from convlens.cli import main
 from convlens.datasets import shapes_folder
 from convlens.metrics import deletion, insertion
+from convlens.report.checks import bootstrap_interval
 
 HOSTILE = "<img src=x onerror=alert(1)> & 'quote'"
-METHODS = ["gradcam", "saliency", "lime"]
+METHODS = ["gradcam", "saliency", "lime", "integrated_gradients"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def shapes_model():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A report on the bundled shapes CNN: three images (one with a hostile name), one file
-    that is not an image, three methods (one with superpixels) and the features section."""
+    that is not an image, four methods (one with superpixels, one speckled, two with raw
+    gradient pictures), the model randomisation test and the features section."""
     root = tmp_path_factory.mktemp("report")
     data = shapes_folder(root / "data", 2, seed=3)
     hostile = root / f"{HOSTILE}.png"
@@ -54,6 +56,7 @@ def built(tmp_path_factory):
         "--features",
         "--feature-steps",
         "8",
+        "--sanity",
         "--out",
         str(out),
     ]
@@ -71,6 +74,7 @@ def test_skips_the_unreadable_file_and_writes_the_rest(built):
         str(images[2]),
         str(images[3]),
     ]
+    assert sorted(results["sanity"]) == sorted(METHODS)  # --sanity: one record per method
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # atomic writes leave no temporary files
     umask = os.umask(0)
@@ -102,18 +106,29 @@ def test_every_number_matches_a_fresh_computation(built, shapes_model):
                 abs=1e-6,
             )
     rows = results["ranking"]
-    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert [r["rank"] for r in rows] == list(range(1, len(METHODS) + 1))
     assert [r["faithfulness"] for r in rows] == sorted(
         (r["faithfulness"] for r in rows), reverse=True
     )
-    for row in rows:
-        scores = [i["methods"][row["method"]] for i in results["images"]]
+    for row in rows:  # constant maps (LIME on a saturated prediction) are left out
+        made = [i["methods"][row["method"]] for i in results["images"]]
+        scores = [s for s in made if not s.get("constant")]
+        assert row["constant"] == len(made) - len(scores)
         mean_deletion = sum(s["deletion"] for s in scores) / len(scores)
         assert row["deletion"] == pytest.approx(mean_deletion)
+        faithfulness = [s["insertion"] - s["deletion"] for s in scores]
+        assert [p["faithfulness"] for p in row["per_image"]] == pytest.approx(faithfulness)
+        interval = bootstrap_interval(faithfulness, seed=0)  # None for a single image
+        assert row["interval"] == (None if interval is None else pytest.approx(list(interval)))
+        assert row["n"] == len(scores)
         assert row["faithfulness"] == pytest.approx(row["insertion"] - row["deletion"])
     page = (out / "index.html").read_text()
     for row in rows:  # the page shows the same numbers
         assert f"{row['faithfulness']:.3f}" in page and f"{row['insertion']:.3f}" in page
+        if row["interval"] is not None:
+            low, high = row["interval"]
+            assert f"{low:.3f} to {high:.3f}" in page
+    assert any(row["interval"] is None for row in rows) == ("no interval (1 image)" in page)
 
 
 def test_features_name_the_channel_that_contributes_most(built, shapes_model):
@@ -124,12 +139,33 @@ def test_features_name_the_channel_that_contributes_most(built, shapes_model):
     for entry in results["features"]:
         image = next(i for i in results["images"] if i["class"] == entry["class"])
         contributions = cl.features.channel_contributions(
-            shapes_model, image["image"], entry["class"]
+            shapes_model, image["image"], entry["class"], entry["layer"]
         )
         assert entry["channel"] == int(contributions.argmax())
-        for key in ("class_model", "patches"):
+        for key in ("class_model", "dream", "patches"):
             with Image.open(out / entry[key]) as picture:
                 assert picture.width > 0
+
+
+def test_results_hold_numbers_and_large_arrays_in_files(built, shapes_model):
+    """No "tensor(...)" text: LIME's segments and samples are in each image's extras file,
+    referenced from results.json by file and key, and equal a fresh computation."""
+    out, _, _ = built
+    text = (out / "results.json").read_text()
+    assert "tensor(" not in text
+    results = json.loads(text)
+    for image in results["images"]:
+        info = image["methods"]["lime"]["extras"]["superpixels"][0]
+        reference = info["segments"]
+        assert reference["npz"] == image["extras"] and reference["shape"] == [64, 64]
+        with np.load(out / reference["npz"]) as arrays:
+            segments = arrays[reference["key"]]
+            samples = arrays[info["samples"]["key"]]
+        fresh = cl.explain(shapes_model, image["image"], "lime", n_samples=60, progress=False)
+        expected = fresh.extras["superpixels"][0]
+        assert np.array_equal(segments, np.asarray(expected["segments"]))
+        assert np.array_equal(samples, np.asarray(expected["samples"]))
+        assert info["weights"] == pytest.approx(np.asarray(expected["weights"]).tolist())
 
 
 def test_user_text_is_escaped_and_nothing_comes_from_the_network(built):
@@ -168,7 +204,9 @@ def test_labels_are_escaped_too(tmp_path):
 
 
 def test_report_in_headless_chromium(built, tmp_path):
-    """Every picture loads, no console errors, the table sorts, a click enlarges a picture."""
+    """Every picture loads, no console errors, the table sorts, a click enlarges a picture;
+    every card names its class and has its colour bar and curves, a speckled card switches
+    views, and at 700 px nothing overflows the page."""
     out, _, _ = built
     executable = chromium_path()
     if executable is None:
@@ -176,8 +214,13 @@ def test_report_in_headless_chromium(built, tmp_path):
             "Chromium is missing: `make test` installs Debian's chromium (apt-get install chromium)"
         )
     results = json.loads((out / "results.json").read_text())
-    # per image: the photo, one overlay per method and LIME's superpixel picture
-    expected = len(results["images"]) * (1 + len(METHODS) + 1) + 2 * len(results["features"])
+    cards = [image["methods"][name] for image in results["images"] for name in METHODS]
+    # per image: the photo, one overlay per method, the raw pictures of 3-channel maps and
+    # LIME's superpixels; per predicted class: class model, DeepDream and top patches
+    expected = len(results["images"]) + sum(1 + ("raw" in c) + ("superpixels" in c) for c in cards)
+    expected += 3 * len(results["features"])
+    shots = Path(os.environ.get("CONVLENS_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
     with Chromium(executable) as browser:
         browser.open(out / "index.html")
         loaded = browser.evaluate(
@@ -189,37 +232,98 @@ def test_report_in_headless_chromium(built, tmp_path):
 
         def column(index: int) -> list[str]:
             return browser.evaluate(
-                "Array.from(document.querySelectorAll('#ranking tbody tr'))"
+                "Array.from(document.querySelectorAll('#ranking > tbody > tr'))"
                 f".map(r => r.cells[{index}].dataset.value)"
             )
 
         def click_header(index: int) -> None:
-            browser.evaluate(f"document.querySelectorAll('#ranking th')[{index}].click()")
+            browser.evaluate(f"document.querySelectorAll('#ranking > thead th')[{index}].click()")
 
         ranks = [float(v) for v in column(0)]
         assert ranks == sorted(ranks)
-        click_header(4)  # deletion AUC, ascending
-        deletion_values = [float(v) for v in column(4)]
+        click_header(6)  # deletion AUC, ascending
+        deletion_values = [float(v) for v in column(6)]
         assert deletion_values == sorted(deletion_values)
-        click_header(4)  # descending
-        assert [float(v) for v in column(4)] == sorted(deletion_values, reverse=True)
+        click_header(6)  # descending
+        assert [float(v) for v in column(6)] == sorted(deletion_values, reverse=True)
         click_header(1)  # method names, alphabetical
         assert column(1) == sorted(METHODS)
         assert (
             browser.evaluate(
-                "document.querySelectorAll('#ranking th')[1].getAttribute('aria-sort')"
+                "document.querySelectorAll('#ranking > thead th')[1].getAttribute('aria-sort')"
             )
             == "ascending"
         )
+        assert "blur" in browser.evaluate("document.getElementById('ranking-note').innerText")
+
+        # every card: the class it explains, its colour bar with numbers, its two curves
+        seen = browser.evaluate(
+            """Array.from(document.querySelectorAll('figure.card')).map(card => {
+                 const bar = card.querySelector('.legend .cbar');
+                 const curve = kind => card.querySelector('svg.curves polyline.' + kind);
+                 const box = kind => curve(kind) ? curve(kind).getBoundingClientRect() : null;
+                 return {
+                   method: card.dataset.method,
+                   label: card.querySelector('.explains .class-name').textContent,
+                   bar: bar ? getComputedStyle(bar).backgroundImage : '',
+                   barWidth: bar ? bar.getBoundingClientRect().width : 0,
+                   low: card.querySelector('.legend .low').textContent,
+                   high: card.querySelector('.legend .high').textContent,
+                   meaning: card.querySelector('.legend .meaning').textContent,
+                   note: (card.querySelector('.note') || {}).textContent || '',
+                   points: ['deletion', 'insertion'].map(
+                     k => curve(k) ? curve(k).points.numberOfItems : 0),
+                   widths: ['deletion', 'insertion'].map(k => box(k) ? box(k).width : 0),
+                 };
+               })"""
+        )
+        assert [(c["method"], c["label"]) for c in seen] == [
+            (name, image["methods"][name]["label"])
+            for image in results["images"]
+            for name in METHODS
+        ]
+        for card in seen:
+            assert card["bar"].startswith("linear-gradient") and card["barWidth"] > 100, card
+            assert card["label"] in card["meaning"] and card["meaning"].startswith("red:"), card
+            # the ends differ (an all-negative unsigned map runs from its maximum down)
+            assert float(card["low"]) != float(card["high"]) or "constant map" in card["note"]
+            assert card["points"] == [results["curve_steps"] + 1] * 2, card
+            assert min(card["widths"]) > 100, card
+
+        # a speckled map (integrated gradients) switches to |map| and back
+        switch = """(() => {
+            const card = document.querySelector('figure.card[data-method="integrated_gradients"]');
+            card.querySelectorAll('.views button')[%d].click();
+            return [card.querySelector('img.map').getAttribute('src'),
+                    card.querySelector('.legend .meaning').textContent,
+                    getComputedStyle(card.querySelector('.legend .cbar')).backgroundImage];
+          })()"""
+        signed = browser.evaluate(switch % 0)
+        magnitude = browser.evaluate(switch % 1)
+        assert magnitude[0].endswith("_integrated_gradients_abs.png") and "|map|" in magnitude[1]
+        assert magnitude[2] != signed[2]  # the sequential colour map, not the diverging one
+        assert browser.evaluate(switch % 0) == signed
 
         first = browser.evaluate("document.querySelector('figure img').src")
         browser.evaluate("document.querySelector('figure img').click()")
         assert browser.evaluate("document.getElementById('zoom').open") is True
         assert browser.evaluate("document.querySelector('#zoom img').src") == first
-        shots = Path(os.environ.get("CONVLENS_SCREENSHOTS", tmp_path))
-        shots.mkdir(parents=True, exist_ok=True)
         browser.evaluate("document.getElementById('zoom').close()")
         picture = browser.screenshot(shots / "report.png")
+
+        # a 700 px window: the page does not scroll sideways; the table scrolls in its box
+        browser.set_width(700)
+        assert browser.evaluate("window.innerWidth") == 700
+        assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (
+            browser.evaluate("document.documentElement.scrollWidth")
+        )
+        wide = browser.evaluate(
+            "Array.from(document.body.querySelectorAll('*'))"
+            ".filter(e => !e.closest('.scroll') && e.getBoundingClientRect().right > 701)"
+            ".map(e => e.tagName + '.' + e.className)"
+        )
+        assert wide == []
+        browser.screenshot(shots / "report-700.png")
         assert browser.errors() == []
     with Image.open(picture) as shot:
         assert shot.width >= 1000 and shot.height > 1000

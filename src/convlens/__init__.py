@@ -7,8 +7,9 @@ Example:
     >>> e.overlay().save("guided.png")
 """
 
+# _command_line first: it sets the ``convlens`` command's OpenMP default before torch loads;
 # importing convlens.methods registers the built-in methods (their @register decorators)
-from convlens import datasets, features, methods, metrics, targets
+from convlens import _command_line, audit, datasets, features, methods, metrics, targets  # noqa: F401
 from convlens.api import explain
 from convlens.explanation import Explanation
 from convlens.images import load_image, sample_images
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Explanation",
     "Model",
+    "audit",
     "datasets",
     "explain",
     "features",

@@ -15,11 +15,17 @@ do not count those regions as background either (COCO and VOC evaluation ignore 
 than penalise finding them).
 
 Matching images. The boxes are keyed by the image name as the file writes it (a CSV ``image``
-cell, a COCO ``file_name``, a VOC ``<filename>``). An image given as ``photos/cat.jpg`` takes
-the boxes of the key ``photos/cat.jpg`` when there is one (the same path, ``./`` and ``\\``
-aside), otherwise those of the one key whose file name is ``cat.jpg``, otherwise those of the
-key ``cat`` (ImageNet's VOC files name images without their extension). Two keys that match
-only by file name are refused as ambiguous.
+cell, a COCO ``file_name``, a VOC ``<filename>``); names that differ only by ``./`` or ``\\``
+(:func:`image_key`) are one image, whose boxes are merged under the first spelling. An image
+given as ``photos/cat.jpg`` takes the boxes of the key ``photos/cat.jpg`` when there is one (the
+same path, ``./`` and ``\\`` aside), otherwise those of the one key whose file name is
+``cat.jpg``, otherwise those of the key ``cat`` (ImageNet's VOC files name images without their
+extension). Two keys that match only by file name are refused as ambiguous.
+
+Sizes. A COCO ``images[].width``/``height`` or a VOC ``<size><width>``/``<height>`` is kept in
+:attr:`BoxFile.sizes` so that the picture can be checked to be the one annotated (a resized
+copy would misplace every box); a size that is absent, or 0 (as LabelImg writes when it could
+not read the picture), is not checked.
 
 Orientation. Boxes refer to the pixels as stored in the file: convlens reads pictures without
 applying an EXIF orientation tag (:func:`convlens.images.load_image`), and so does
@@ -51,7 +57,10 @@ from convlens.model import Model
 __all__ = [
     "CSV_COLUMNS",
     "Box",
+    "BoxFile",
     "DroppedBox",
+    "check_image_sizes",
+    "image_key",
     "image_size",
     "map_boxes",
     "match_image",
@@ -87,16 +96,84 @@ class DroppedBox:
     reason: str
 
 
+class BoxFile(dict[str, list[Box]]):
+    """What :func:`read_boxes` returns: the boxes by image name, and ``sizes``, the picture
+    size ``(height, width)`` the file states for an image name (COCO and VOC files; absent
+    for a CSV file and for images whose size is not stated)."""
+
+    def __init__(
+        self,
+        boxes: Mapping[str, list[Box]] | None = None,
+        sizes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(boxes or {})
+        self.sizes: dict[str, tuple[int, int]] = dict(sizes or {})
+
+
+def image_key(name: str) -> str:
+    """An image name as a POSIX path with ``\\`` read as ``/`` and ``.`` parts left out:
+    ``./photos\\cat.jpg`` and ``photos/cat.jpg`` have the same key (``photos/cat.jpg``)."""
+    return str(_parts(name))
+
+
+class _Merged:
+    """Boxes (and stated sizes) gathered under the first spelling of each image's
+    :func:`image_key`."""
+
+    def __init__(self) -> None:
+        self.found = BoxFile()
+        self.spelling: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        return self.spelling.setdefault(image_key(name), name)
+
+    def add(self, name: str, boxes: Sequence[Box] = ()) -> str:
+        key = self.key(name)
+        self.found.setdefault(key, []).extend(boxes)
+        return key
+
+    def size(self, name: str, size: tuple[int, int] | None, where: str) -> None:
+        if size is None:
+            return
+        key = self.key(name)
+        known = self.found.sizes.setdefault(key, size)
+        if known != size:
+            raise RequestError(
+                f"{where}: image {printable(name)!r} is {_size(size)} here but "
+                f"{_size(known)} earlier in the file"
+            )
+
+
+def _size(size: tuple[int, int]) -> str:
+    """(height, width) as the usual ``WxH``."""
+    return f"{size[1]}x{size[0]}"
+
+
+def _stated_size(width: Any, height: Any, where: str, names: str) -> tuple[int, int] | None:
+    """(height, width) from a file's stated width and height; ``None`` when either is absent
+    or 0 (unknown). ``names`` are how the file calls the two, as ``width,height``."""
+    if width is None or height is None:
+        return None
+    values = []
+    for value, what in zip((width, height), names.split(","), strict=True):
+        number = _number(value, what, where)
+        if number < 0 or number != int(number):
+            raise RequestError(f"{where}: {what} must be a whole number of pixels, not {value!r}")
+        values.append(int(number))
+    return None if 0 in values else (values[1], values[0])
+
+
 # -- reading -----------------------------------------------------------------------------------
 
 
-def read_boxes(path: str | os.PathLike) -> dict[str, list[Box]]:
+def read_boxes(path: str | os.PathLike) -> BoxFile:
     """The boxes of a CSV file (``image,x0,y0,x1,y1[,label]``, a header line first, one row per
     box), a COCO JSON file (``images``, ``annotations`` with ``bbox`` ``[x, y, w, h]``,
     ``categories`` naming the labels) or a folder of Pascal VOC ``.xml`` files (one file also
-    works), by image name as written in the file. See the module's notes on coordinates and
-    matching. Anything malformed is a one-line :class:`RequestError` naming the file and the
-    line, row or annotation.
+    works), by image name as written in the file (names that differ only by ``./`` or ``\\``
+    merged), with the picture sizes the file states (:class:`BoxFile`). See the module's
+    notes on coordinates, matching and sizes. Anything malformed is a one-line
+    :class:`RequestError` naming the file and the line, row or annotation.
 
     Example:
         >>> boxes = read_boxes("boxes.csv")   # {"cat.jpg": [Box(10.0, 20.0, 200.0, 180.0, "cat")]}
@@ -153,7 +230,7 @@ def _box(
     return Box(x0, y0, x1, y1, label)
 
 
-def _read_csv(path: Path) -> dict[str, list[Box]]:
+def _read_csv(path: Path) -> BoxFile:
     shown = printable(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
@@ -184,7 +261,7 @@ def _read_csv(path: Path) -> dict[str, list[Box]]:
         what += ("; " if what else "") + (f"repeated {', '.join(doubled)}" if doubled else "")
         raise RequestError(f"{shown}: line {number}: {printable(what)}; the header is {CSV_HEADER}")
     at = {c: columns.index(c) for c in columns}
-    found: dict[str, list[Box]] = {}
+    merged = _Merged()
     for number, row in lines[1:]:
         where = f"{shown}: line {number}"
         if len(row) != len(columns):
@@ -194,10 +271,10 @@ def _read_csv(path: Path) -> dict[str, list[Box]]:
             raise RequestError(f"{where}: the image name is empty")
         x0, y0, x1, y1 = (_number(row[at[c]], c, where) for c in CSV_COLUMNS[1:])
         label = (row[at["label"]].strip() or None) if "label" in at else None
-        found.setdefault(image, []).append(_box(x0, y0, x1, y1, label, where, "x0,y0,x1,y1"))
-    if not found:
+        merged.add(image, [_box(x0, y0, x1, y1, label, where, "x0,y0,x1,y1")])
+    if not merged.found:
         raise RequestError(f"{shown} has a header but no boxes")
-    return found
+    return merged.found
 
 
 def _is_id(value: Any) -> bool:
@@ -205,7 +282,7 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
-def _read_coco(path: Path) -> dict[str, list[Box]]:
+def _read_coco(path: Path) -> BoxFile:
     shown = printable(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -233,7 +310,7 @@ def _read_coco(path: Path) -> dict[str, list[Box]]:
                 raise RequestError(f"{shown}: categories[{i}] needs an 'id' and a 'name'")
             categories[category["id"]] = str(category["name"])
     names: dict[Any, str] = {}
-    found: dict[str, list[Box]] = {}
+    merged = _Merged()
     for i, image in enumerate(data["images"]):
         name = image.get("file_name") if isinstance(image, dict) else None
         if not isinstance(image, dict) or not _is_id(image.get("id")):
@@ -242,8 +319,10 @@ def _read_coco(path: Path) -> dict[str, list[Box]]:
             raise RequestError(f"{shown}: images[{i}] (id {image['id']!r}) has no 'file_name'")
         if image["id"] in names:
             raise RequestError(f"{shown}: images[{i}]: image id {image['id']!r} is repeated")
-        names[image["id"]] = name.strip()
-        found.setdefault(name.strip(), [])
+        names[image["id"]] = merged.add(name.strip())
+        where = f"{shown}: images[{i}] (id {image['id']!r})"
+        size = _stated_size(image.get("width"), image.get("height"), where, "width,height")
+        merged.size(name.strip(), size, where)
     for i, annotation in enumerate(data["annotations"]):
         if not isinstance(annotation, dict):
             raise RequestError(f"{shown}: annotations[{i}] is not an object")
@@ -271,12 +350,12 @@ def _read_coco(path: Path) -> dict[str, list[Box]]:
                     f"{where}: category_id {annotation['category_id']!r} is not in 'categories'"
                 )
             label = categories[annotation["category_id"]]
-        found[names[annotation["image_id"]]].append(Box(x, y, x + width, y + height, label))
-    return found
+        merged.add(names[annotation["image_id"]], [Box(x, y, x + width, y + height, label)])
+    return merged.found
 
 
-def _read_voc(files: Sequence[Path]) -> dict[str, list[Box]]:
-    found: dict[str, list[Box]] = {}
+def _read_voc(files: Sequence[Path]) -> BoxFile:
+    merged = _Merged()
     origin: dict[str, Path] = {}
     for file in files:
         shown = printable(file)
@@ -291,12 +370,19 @@ def _read_voc(files: Sequence[Path]) -> dict[str, list[Box]]:
         name = (root.findtext("filename") or "").strip()
         if not name:
             raise RequestError(f"{shown}: no <filename>")
-        if name in origin:
+        if image_key(name) in origin:
             raise RequestError(
-                f"{shown}: image {printable(name)!r} is also described by {printable(origin[name])}"
+                f"{shown}: image {printable(name)!r} is also described by "
+                f"{printable(origin[image_key(name)])}"
             )
-        origin[name] = file
-        boxes = found.setdefault(name, [])
+        origin[image_key(name)] = file
+        frame = root.find("size")
+        if frame is not None:
+            size = _stated_size(
+                frame.findtext("width"), frame.findtext("height"), shown, "<width>,<height>"
+            )
+            merged.size(name, size, shown)
+        boxes = merged.found.setdefault(merged.key(name), [])
         for i, item in enumerate(root.findall("object"), 1):
             where = f"{shown}: object {i}"
             label = (item.findtext("name") or "").strip() or None
@@ -313,7 +399,7 @@ def _read_voc(files: Sequence[Path]) -> dict[str, list[Box]]:
             # 1-based, inclusive: pixels xmin..xmax cover [xmin - 1, xmax) from 0
             checked = _box(xmin - 1, ymin - 1, xmax, ymax, label, where, "xmin,ymin,xmax,ymax")
             boxes.append(checked)
-    return found
+    return merged.found
 
 
 # -- matching -----------------------------------------------------------------------------------
@@ -326,22 +412,29 @@ def _parts(name: str) -> PurePosixPath:
 def match_images(boxes: Mapping[str, Sequence[Box]], names: Sequence[str]) -> list[str | None]:
     """For each image given as ``names[i]``, the key of ``boxes`` holding its boxes: the same
     path, else the one key with the same file name, else the one key that is the file name
-    without its extension; ``None`` when no key matches. Several keys matching by file name
+    without its extension; ``None`` when no key matches. Several keys matching by file name,
+    or by path (keys that differ only by ``./`` or ``\\``, which :func:`read_boxes` merges),
     are a :class:`RequestError`."""
-    paths: dict[PurePosixPath, str] = {}
+    paths: dict[PurePosixPath, list[str]] = {}
     by_name: dict[str, list[str]] = {}
     by_stem: dict[str, list[str]] = {}
     for key in boxes:
         path = _parts(key)
-        paths.setdefault(path, key)
+        paths.setdefault(path, []).append(key)
         by_name.setdefault(path.name, []).append(key)
         if not path.suffix:
             by_stem.setdefault(path.name, []).append(key)
     found: list[str | None] = []
     for name in map(str, names):
         path = _parts(name)
-        if name in boxes or path in paths:
-            found.append(name if name in boxes else paths[path])
+        same = paths.get(path, [])
+        if len(same) > 1:
+            raise RequestError(
+                f"image {printable(name)} has boxes under several spellings of its path "
+                f"({printable(', '.join(same[:3]))}); merge them into one"
+            )
+        if same:
+            found.append(same[0])
             continue
         keys = by_name.get(path.name) or by_stem.get(path.stem) or []
         if len(keys) > 1:
@@ -378,6 +471,38 @@ def image_size(image: ImageLike) -> tuple[int, int]:
             return picture.height, picture.width
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"cannot read {path}: {error}") from None
+
+
+def check_image_sizes(
+    boxes: Mapping[str, Sequence[Box]],
+    images: Sequence[tuple[str, ImageLike]],
+    keys: Sequence[str | None],
+) -> None:
+    """Refuse, in one line, a picture whose (height, width) is not the one its box file states
+    (``BoxFile.sizes``; ``keys[i]`` is the key of ``images[i]``, from :func:`match_images`):
+    its boxes would land in the wrong place. Pictures that cannot be read are not checked."""
+    sizes = getattr(boxes, "sizes", None) or {}
+    for (name, source), key in zip(images, keys, strict=True):
+        stated = sizes.get(key) if key is not None else None
+        if stated is None:
+            continue
+        try:
+            actual = tuple(image_size(source))
+        except (ImageError, OSError, RequestError):
+            continue
+        if actual == tuple(stated):
+            continue
+        if actual == tuple(stated)[::-1]:
+            cause = (
+                "probably an EXIF orientation tag: the boxes were drawn on the rotated picture, "
+                "and convlens reads pixels as stored, without EXIF rotation"
+            )
+        else:
+            cause = "probably a resized copy of the annotated picture"
+        raise RequestError(
+            f"image {printable(name)} is {_size(actual)} pixels but the box file gives "
+            f"{_size(stated)} for {printable(key)}: {cause}"
+        )
 
 
 def _geometry(model: Model, height: int, width: int) -> tuple[float, float, int, int]:

@@ -16,10 +16,28 @@ __all__ = [
     "RequestError",
     "RequestIndexError",
     "RequestTypeError",
+    "distinct",
     "finite",
+    "first_line",
     "pair",
     "positive_int",
 ]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what one-line
+    reports (skipped images, refused methods, the command line) show."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+def distinct(names: list[Any], what: str) -> None:
+    """Refuse, naming it, a name that ``what`` (say ``"labels labels.txt"``) holds twice."""
+    seen: set[Any] = set()
+    for name in names:
+        if name in seen:
+            raise RequestError(f"{what} names {name!r} more than once")
+        seen.add(name)
 
 
 class RequestError(ValueError):

@@ -3,6 +3,14 @@
 :func:`shapes` draws one object (circle, square, triangle or cross) of random size, place and
 colour on a textured background of random colours. The class is the object's shape and nothing
 else, so a faithful explanation must point at the object, whose box and mask are returned.
+
+:func:`clever_hans` is the same data with a planted shortcut: a share of one class's images
+carry a small tag in a fixed corner, as the "copyright" tag on many horse images of PASCAL VOC
+that a Fisher-vector classifier learnt to answer "horse" from (Lapuschkin et al. 2019,
+"Unmasking Clever Hans predictors and assessing what machines really learn", Nature
+Communications 10:1096). A model trained on it can be caught using the tag (:func:`tag`
+other classes' images and its answer changes), and SpRAy (``convlens.audit.spray``) should
+separate the tagged images' explanations from the others.
 """
 
 from __future__ import annotations
@@ -19,7 +27,17 @@ from torch import Tensor
 
 from convlens.checks import RequestError
 
-__all__ = ["SHAPES", "Shapes", "shapes", "shapes_folder"]
+__all__ = [
+    "SHAPES",
+    "TAG_SIZE",
+    "CleverHans",
+    "Shapes",
+    "clever_hans",
+    "shapes",
+    "shapes_folder",
+    "tag",
+    "tag_box",
+]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -133,3 +151,77 @@ def shapes_folder(
             lines.append(f"{name}/{name}_{k:04d}.png,{box},{name}")
     (root / "boxes.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+TAG_SIZE = 6  # side of the Clever-Hans tag, in pixels
+TAG_MARGIN = 2  # its distance from the image's top left corner
+
+
+@dataclass(frozen=True, kw_only=True)
+class CleverHans(Shapes):
+    """:class:`Shapes` with a planted shortcut: ``tagged`` (N,) bool, which images carry the
+    tag (:func:`tag`, at :func:`tag_box`); ``tagged_class`` the class whose images were tagged
+    at ``tag_share``; ``other_share`` the share of the other classes' images tagged."""
+
+    tagged: Tensor
+    tagged_class: str = "circle"
+    tag_share: float = 0.5
+    other_share: float = 0.0
+
+
+def tag_box(size: int = 64) -> tuple[int, int, int, int]:
+    """The tag's place ``(x0, y0, x1, y1)`` (right and bottom exclusive) in a ``size`` x
+    ``size`` image: :data:`TAG_SIZE` pixels square, :data:`TAG_MARGIN` from the top left."""
+    if size < TAG_SIZE + TAG_MARGIN:
+        raise RequestError(f"an image of side {size} is too small for the tag")
+    return (TAG_MARGIN, TAG_MARGIN, TAG_MARGIN + TAG_SIZE, TAG_MARGIN + TAG_SIZE)
+
+
+def tag(images: Tensor, which: Tensor | None = None) -> Tensor:
+    """A copy of ``images`` (N, C, H, W) in [0, 1] with the tag stamped on (all of them, or
+    those where the bool mask ``which`` (N,) is set): a black-and-white checkerboard of 2x2
+    pixel cells at :func:`tag_box`, in every channel, so it shows on any background."""
+    if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+        raise RequestError(f"images must be (N, C, S, S), not {tuple(images.shape)}")
+    x0, y0, x1, y1 = tag_box(images.shape[-1])
+    cells = torch.arange(TAG_SIZE) // 2
+    board = ((cells[:, None] + cells[None, :]) % 2 == 0).to(images.dtype)
+    out = images.clone()
+    rows = slice(None) if which is None else torch.as_tensor(which, dtype=torch.bool)
+    out[rows, :, y0:y1, x0:x1] = board
+    return out
+
+
+def clever_hans(
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    tagged_class: str = "circle",
+    tag_share: float = 0.5,
+    other_share: float = 0.0,
+) -> CleverHans:
+    """:func:`shapes` (``n``, ``size``, ``seed``) where a random share ``tag_share`` of the
+    ``tagged_class`` images, and ``other_share`` of the other classes' images, carry the tag
+    (:func:`tag`): a 6x6 checkerboard in the top left corner, a shortcut a model can learn
+    instead of the shape, like the copyright tag of the horse images in Lapuschkin et al.
+    (2019). The object may lie under the tag; ``masks`` and ``boxes`` are the object's.
+    Reproducible from ``seed``."""
+    if tagged_class not in SHAPES:
+        raise RequestError(f"unknown shape class {tagged_class!r}; known: {', '.join(SHAPES)}")
+    for name, share in (("tag_share", tag_share), ("other_share", other_share)):
+        if not 0.0 <= share <= 1.0:
+            raise RequestError(f"{name} must be in [0, 1], not {share}")
+    data = shapes(n, size=size, seed=seed)
+    draw = np.random.default_rng([seed, 1]).uniform(0.0, 1.0, n)
+    chosen = data.labels.numpy() == SHAPES.index(tagged_class)
+    tagged = torch.from_numpy(np.where(chosen, draw < tag_share, draw < other_share))
+    return CleverHans(
+        tag(data.images, tagged),
+        data.labels,
+        data.boxes,
+        data.masks,
+        tagged=tagged,
+        tagged_class=tagged_class,
+        tag_share=tag_share,
+        other_share=other_share,
+    )

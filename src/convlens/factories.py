@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import pickle
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from convlens.checks import RequestError
+from convlens.checks import RequestError, distinct, first_line
 
 __all__ = [
     "build",
@@ -35,9 +38,12 @@ __all__ = [
     "find_head",
     "is_factory",
     "load_weights",
+    "probe",
     "read_labels",
+    "recorded_factory",
     "replace_head",
     "split_spec",
+    "unreadable",
 ]
 
 _FUNCTION = re.compile(r"[A-Za-z_]\w*")
@@ -62,15 +68,41 @@ def is_factory(spec: Any) -> bool:
     return isinstance(spec, str) and split_spec(spec) is not None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def _failure(error: BaseException) -> str:
+    """``Type: first line`` of an exception raised by the user's code."""
+    line = first_line(error)
+    name = type(error).__name__
+    return line if line == name else f"{name}: {line}"
+
+
+@contextmanager
+def _beside(folder: Path | None) -> Iterator[None]:
+    """Run a factory file's code with its folder first on ``sys.path`` (so that it imports its
+    neighbours, also lazily inside the factory), and forget those neighbours afterwards: a
+    ``layers.py`` beside one factory file is never the ``layers`` of another."""
+    if folder is None:
+        yield
+        return
+    entry = str(folder)
+    before = set(sys.modules)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules.get(name), "__file__", None)
+            if (
+                file
+                and not name.startswith("convlens_factory_")
+                and Path(file).is_relative_to(folder)
+            ):
+                del sys.modules[name]
 
 
 def _from_file(path: Path) -> Any:
-    """The module of a Python file, executed once per modification (its folder is on
-    ``sys.path`` while it runs, so that it can import its neighbours)."""
-    path = path.resolve()
+    """The module of a Python file, executed once per modification."""
     key = (str(path), path.stat().st_mtime_ns)
     if key in _LOADED:
         return _LOADED[key]
@@ -80,62 +112,158 @@ def _from_file(path: Path) -> Any:
         raise RequestError(f"cannot import {path}: not a Python file")
     module = importlib.util.module_from_spec(loader)
     sys.modules[name] = module  # dataclasses and pickling look their module up by name
-    folder = str(path.parent)
-    sys.path.insert(0, folder)
     try:
-        loader.loader.exec_module(module)
-    except Exception as error:
+        with _beside(path.parent):
+            loader.loader.exec_module(module)
+    except (Exception, SystemExit) as error:
         sys.modules.pop(name, None)
-        raise RequestError(f"importing {path} failed: {_first_line(error)}") from error
-    finally:
-        if folder in sys.path:
-            sys.path.remove(folder)
+        raise RequestError(f"importing {path} failed: {_failure(error)}") from error
     _LOADED[key] = module
     return module
 
 
-def find_factory(spec: str) -> Callable[[], Any]:
+def _where(spec: str) -> tuple[str, str, Path | None]:
+    """The module or file, the function and (for a file) its resolved path."""
     parts = split_spec(spec)
     if parts is None:
+        hint = f" (the function is missing: {spec}:FUNCTION)" if spec.endswith(".py") else ""
         raise RequestError(
             f"model spec {spec!r} is not a factory; expected path/to/file.py:function or "
-            "package.module:function"
+            f"package.module:function{hint}"
         )
     where, function = parts
-    if where.endswith(".py"):
-        path = Path(where).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model factory file not found: {where} (in {spec!r})")
+    if not where.endswith(".py"):
+        return where, function, None
+    path = Path(where).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model factory file not found: {where} (in {spec!r})")
+    return where, function, path.resolve()
+
+
+def find_factory(spec: str) -> Callable[..., Any]:
+    """The function ``spec`` names, imported (a file is executed, once per modification)."""
+    where, function, path = _where(spec)
+    if path is not None:
         module = _from_file(path)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as error:
             raise RequestError(f"cannot import module {where!r} (in {spec!r}): {error}") from None
-        except Exception as error:
-            raise RequestError(f"importing {where!r} failed: {_first_line(error)}") from error
+        except (Exception, SystemExit) as error:
+            raise RequestError(f"importing {where!r} failed: {_failure(error)}") from error
     factory = getattr(module, function, None)
     if factory is None:
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[
-            :12
-        ]
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise RequestError(
             f"{where} has no function {function!r}"
-            + (f"; it defines {', '.join(names)}" if names else "")
+            + (f"; it defines {', '.join(names[:12])}" if names else "")
         )
     if not callable(factory):
         raise RequestError(f"{where}:{function} is a {type(factory).__name__}, not a function")
     return factory  # type: ignore[no-any-return]
 
 
+def _needs_arguments(factory: Callable[..., Any]) -> list[str]:
+    """The parameters ``factory`` cannot be called without."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: try the call
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    kinds += (inspect.Parameter.KEYWORD_ONLY,)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 def build(spec: str) -> nn.Module:
-    """Call the factory ``spec`` names (with no arguments) and check that it returns a module."""
-    module = find_factory(spec)()
+    """Call the factory ``spec`` names (with no arguments) and check that it returns a module.
+    This runs the factory's code; an exception in it propagates with its traceback, except
+    ``SystemExit``, which becomes a one-line error."""
+    factory = find_factory(spec)
+    needed = _needs_arguments(factory)
+    if needed:
+        raise RequestError(
+            f"the factory {spec!r} needs arguments ({', '.join(needed)}); a factory is called "
+            "with none: write a function of no arguments that calls it"
+        )
+    path = _where(spec)[2]
+    try:
+        with _beside(path.parent if path is not None else None):
+            module = factory()
+    except SystemExit as error:
+        raise RequestError(f"the factory {spec!r} exited (SystemExit {error.code!r})") from None
     if not isinstance(module, nn.Module):
         raise RequestError(
             f"the factory {spec!r} returned a {type(module).__name__}, not an nn.Module"
         )
     return module
+
+
+def probe(model: Any, spec: str, head: str | None = None) -> int:
+    """The number of outputs per image of ``model`` (a ``convlens.Model``) on a blank input of
+    its size; a model that cannot run on it is refused in one line naming what sets the input
+    (``--input-size``, ``--mean``/``--std``: one value per input channel) or the head."""
+    blank = torch.zeros(1, model.channels, *model.input_size)
+    try:
+        logits = model.predict(blank)
+    except RequestError:
+        raise
+    except Exception as error:
+        where = f"with its head {head!r} replaced, " if head is not None else ""
+        raise RequestError(
+            f"{where}{spec} cannot run on a blank input of shape {tuple(blank.shape)} (set by "
+            f"--input-size, and --mean/--std: one value per input channel): {_failure(error)}"
+        ) from error
+    return int(logits.shape[-1])
+
+
+def recorded_factory(spec: str, relative: Any, checkpoint: Path, trust_code: bool = False) -> str:
+    """The factory a checkpoint records, found and allowed to run.
+
+    A file is looked for where it was recorded, then at its recorded place relative to the
+    checkpoint's folder (``relative``), then beside the checkpoint (a project folder moved to
+    another machine). Its code runs without ``trust_code`` only when it lies in the
+    checkpoint's folder or below it; a file elsewhere, or an installed module's function
+    (``package.module:function``), needs ``trust_code=True``: a checkpoint is data, read with
+    ``weights_only=True``, and must not by itself make convlens run code from anywhere.
+    """
+    where, function = split_spec(spec)  # type: ignore[misc]
+    folder = checkpoint.expanduser().resolve().parent
+    hint = "pass trust_code=True (--trust-code) if you trust it"
+    if not where.endswith(".py"):
+        if not trust_code:
+            raise RequestError(
+                f"{checkpoint} builds its network by calling {spec}, an installed module's "
+                f"code; {hint}"
+            )
+        return spec
+    tried = [Path(where)]
+    if isinstance(relative, str):
+        tried.append(folder / relative)
+    tried.append(folder / Path(where).name)
+    found = next((p.resolve() for p in tried if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"model factory file not found: {where} (recorded in {checkpoint}; also looked "
+            f"for {', '.join(str(p) for p in tried[1:])}); put the file there"
+        )
+    if not found.is_relative_to(folder) and not trust_code:
+        raise RequestError(
+            f"{checkpoint} builds its network by running {found}, outside the checkpoint's "
+            f"folder; {hint}"
+        )
+    return f"{found}:{function}"
+
+
+def unreadable(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` could not read a file, without torch's advice
+    to load it with ``weights_only=False`` (which runs the code a file may carry)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            "it holds objects that need code to load (a pickled module or class), and convlens "
+            "reads weights with weights_only=True, which runs no code; save a state dict"
+        )
+    return _failure(error)
 
 
 def _state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -162,7 +290,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike, what: str = "weight
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RequestError(f"cannot read {what} {path}: {_first_line(error)}") from None
+        raise RequestError(f"cannot read {what} {path}: {unreadable(error)}") from None
     state = _state_dict(loaded, path)
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -197,7 +325,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     try:
         text = path.read_text("utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise RequestError(f"cannot read labels {path}: {_first_line(error)}") from None
+        raise RequestError(f"cannot read labels {path}: {_failure(error)}") from None
     if text.lstrip().startswith("["):
         try:
             labels = json.loads(text)
@@ -210,9 +338,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         labels = [line.strip() for line in text.splitlines() if line.strip()]
     if not labels or not all(labels):
         raise RequestError(f"labels {path} holds an empty name or no names")
-    if len(set(labels)) != len(labels):
-        repeated = next(label for i, label in enumerate(labels) if label in labels[:i])
-        raise RequestError(f"labels {path} names {repeated!r} more than once")
+    distinct(labels, f"labels {path}")
     return labels
 
 

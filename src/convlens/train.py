@@ -126,9 +126,10 @@ class TrainResult:
 
 
 def _stored(model: Model, size: tuple[int, int]) -> Callable[[Any], Tensor]:
-    """Images as uint8 (3, *size): shorter side resized to fit ``size``, centre crop, not
-    normalised (values 0-255)."""
-    plain = Model(model.module, input_size=size, mean=None, std=None, crop=1.0)
+    """Images as uint8 (C, *size), C the model's channels: shorter side resized to fit
+    ``size``, centre crop, not normalised (values 0-255)."""
+    identity = (0.0,) * model.channels, (1.0,) * model.channels
+    plain = Model(model.module, input_size=size, mean=identity[0], std=identity[1], crop=1.0)
     return lambda picture: (plain.preprocess(picture)[0] * 255).round().to(torch.uint8)
 
 
@@ -190,13 +191,11 @@ def _starting_model(
         module.eval(), input_size=size, mean=mean if mean is not None else IMAGENET_MEAN,
         std=std if std is not None else IMAGENET_STD, labels=classes, name=name,
     )  # fmt: skip
-    with torch.no_grad():
-        probe = torch.zeros(1, model.channels, *size)
-        logits, _ = select_output(module(probe))
-    if tuple(logits.shape) != (1, len(classes)):
+    outputs = factories.probe(model, arch, head)
+    if outputs != len(classes):
         raise RequestError(
-            f"with its head {head!r} replaced, {arch} gives outputs of shape "
-            f"{tuple(logits.shape)}, not (1, {len(classes)}): name the classifier with --head"
+            f"with its head {head!r} replaced, {arch} gives {outputs} outputs per image, not "
+            f"{len(classes)}: name the classifier with --head"
         )
     return model, head
 
@@ -257,9 +256,11 @@ def train(
     say = log or (lambda text: print(printable(text), file=sys.stderr))
     started = time.perf_counter()
     folder = scan_folder(data_dir)
-    model, head = _starting_model(
-        folder.classes, folder.root.name, arch, weights, head, size, mean, std
-    )
+    with torch.random.fork_rng():  # the new head's weights come from ``seed`` alone
+        torch.manual_seed(seed)
+        model, head = _starting_model(
+            folder.classes, folder.root.name, arch, weights, head, size, mean, std
+        )
     module = model.module
     stored = (round(size[0] / model.crop), round(size[1] / model.crop))
     store = _stored(model, stored)
@@ -278,11 +279,11 @@ def train(
     train_rows, val_rows = stratified_split(labels, val_fraction, seed)
     k = len(folder.classes)
     counts = torch.bincount(targets[train_rows], minlength=k).double()
-    weights = (counts.sum() / (k * counts.clamp(min=1))).float() if balance else None
+    class_weights = (counts.sum() / (k * counts.clamp(min=1))).float() if balance else None
     say(
         f"{len(labels)} images of {k} classes ({', '.join(folder.classes)}): "
         f"{len(train_rows)} to train, {len(val_rows)} to validate"
-        + (f"; class weights {[round(w, 2) for w in weights.tolist()]}" if balance else "")
+        + (f"; class weights {[round(w, 2) for w in class_weights.tolist()]}" if balance else "")
     )
     if not val_rows:
         say(
@@ -317,7 +318,7 @@ def train(
                 chunk = rows[start : start + 32]
                 logits, _ = select_output(module((_centre(data[chunk], size) - shift) / scale))
                 loss += float(
-                    F.cross_entropy(logits, targets[chunk], weight=weights, reduction="sum")
+                    F.cross_entropy(logits, targets[chunk], weight=class_weights, reduction="sum")
                 )
                 predicted.append(logits.argmax(1))
         return torch.cat(predicted), loss / max(len(rows), 1)
@@ -342,7 +343,7 @@ def train(
             rows = [train_rows[i] for i in order[start : start + batch_size]]
             x = _augment(data[rows], size, generator) if augment else _centre(data[rows], size)
             logits, _ = select_output(module((x - shift) / scale))
-            loss = F.cross_entropy(logits, targets[rows], weight=weights)
+            loss = F.cross_entropy(logits, targets[rows], weight=class_weights)
             if not bool(torch.isfinite(loss)):
                 raise RequestError(
                     f"training diverged: the loss became {float(loss)} in epoch {epoch}; "
@@ -396,7 +397,7 @@ def train(
         "epochs": epochs,
         "freeze_backbone": freeze_backbone,
         "seed": seed,
-        "class_weights": weights.tolist() if weights is not None else None,
+        "class_weights": class_weights.tolist() if class_weights is not None else None,
         "history": history,
         "confusion": confusion.tolist(),
         "val_accuracy": val_accuracy,

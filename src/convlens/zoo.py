@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from convlens import factories
-from convlens.checks import RequestError
+from convlens.checks import RequestError, distinct
 from convlens.files import save_torch
 from convlens.model import IMAGENET_MEAN, IMAGENET_STD, Model
 
@@ -30,6 +30,7 @@ __all__ = [
     "ZOO",
     "ShapesCNN",
     "check_checkpoint",
+    "clever_hans_cnn",
     "efficientnet_lite0",
     "from_checkpoint",
     "from_factory",
@@ -175,7 +176,13 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model``'s checkpoint (:func:`make_checkpoint`) to ``path``, atomically; it loads
     with :func:`load_model`."""
-    return save_torch(make_checkpoint(model, training, arch, head), path)
+    checkpoint = make_checkpoint(model, training, arch, head)
+    if checkpoint.get("factory"):  # also where the file is seen from the checkpoint's folder
+        where = factories.split_spec(checkpoint["factory"])[0]  # type: ignore[index]
+        if where.endswith(".py"):
+            folder = Path(path).expanduser().resolve().parent
+            checkpoint["factory_relative"] = os.path.relpath(where, folder)
+    return save_torch(checkpoint, path)
 
 
 # fields every checkpoint needs; the others have defaults (those of the bundled Lite0) and are
@@ -246,9 +253,7 @@ def check_checkpoint(checkpoint: Any) -> None:
                 f"checkpoint field 'labels': item {i} must be a non-empty string, "
                 f"not {_short(label)}"
             )
-    if len(set(labels)) != len(labels):
-        repeated = next(label for i, label in enumerate(labels) if label in labels[:i])
-        raise RequestError(f"checkpoint field 'labels' names {repeated!r} more than once")
+    distinct(list(labels), "checkpoint field 'labels'")
     size = checkpoint["input_size"]
     if (
         not isinstance(size, (list, tuple))
@@ -259,8 +264,9 @@ def check_checkpoint(checkpoint: Any) -> None:
             f"checkpoint field 'input_size' must be two integers (height, width) in [1, 8192], "
             f"not {_short(size)}"
         )
-    _numbers(checkpoint, "mean", 3)
-    if any(v <= 0 for v in _numbers(checkpoint, "std", 3)):
+    channels = len(checkpoint["mean"]) if isinstance(checkpoint["mean"], (list, tuple)) else 3
+    _numbers(checkpoint, "mean", 1 if channels == 1 else 3)
+    if any(v <= 0 for v in _numbers(checkpoint, "std", 1 if channels == 1 else 3)):
         raise RequestError(
             f"checkpoint field 'std' must be positive, not {_short(checkpoint['std'])}"
         )
@@ -357,7 +363,7 @@ def from_factory(
     if weights is not None:
         factories.load_weights(module, weights)
     _, function = factories.split_spec(spec)  # type: ignore[misc]
-    return Model(
+    model = Model(
         module.eval(),  # loaded for inference; wrap() keeps a module's own train flag
         input_size=input_size if input_size is not None else (224, 224),
         mean=mean if mean is not None else IMAGENET_MEAN,
@@ -365,6 +371,12 @@ def from_factory(
         labels=labels,
         name=function,
     )
+    outputs = factories.probe(model, spec)  # one forward pass on a blank image
+    if labels is not None and outputs != len(labels):
+        raise RequestError(
+            f"{len(labels)} labels were given, but {spec} gives {outputs} outputs per image"
+        )
+    return model
 
 
 class ShapesCNN(nn.Module):
@@ -422,8 +434,29 @@ def shapes_cnn() -> Model:
     return shapes_model(module)
 
 
+CLEVER_HANS_WEIGHTS = "data/clever_hans_cnn.pt"
+
+
+def clever_hans_cnn() -> Model:
+    """A :class:`ShapesCNN` that learnt a shortcut: trained by ``scripts/train_clever_hans.py``
+    on ``cl.datasets.clever_hans``, where half the circles carry a small tag in the top left
+    corner (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors"); tagging another
+    class's image turns its answer to "circle" (measured in ``data/clever_hans_cnn.json``).
+    For trying ``convlens audit`` and SpRAy on a model known to cheat."""
+    module = ShapesCNN()
+    with resources.as_file(resources.files("convlens").joinpath(CLEVER_HANS_WEIGHTS)) as path:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model = shapes_model(module)
+    model.name = "clever-hans-cnn"
+    return model
+
+
 # bundled models by name, for ``cl.load_model(name)`` and ``--model``
-ZOO = {"efficientnet-lite0": efficientnet_lite0, "shapes-cnn": shapes_cnn}
+ZOO = {
+    "efficientnet-lite0": efficientnet_lite0,
+    "shapes-cnn": shapes_cnn,
+    "clever-hans-cnn": clever_hans_cnn,
+}
 
 
 def load_model(
@@ -434,16 +467,19 @@ def load_model(
     input_size: int | tuple[int, int] | None = None,
     mean: tuple[float, ...] | list[float] | None = None,
     std: tuple[float, ...] | list[float] | None = None,
+    trust_code: bool = False,
 ) -> Model:
     """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
-    (``"efficientnet-lite0"``, ``"shapes-cnn"``), a checkpoint from ``convlens train``
-    (:func:`save_checkpoint`), or a factory ``file.py:function`` / ``package.module:function``
-    (:func:`from_factory`, which takes ``weights``, ``labels``, ``input_size``, ``mean`` and
-    ``std``; the others carry their own).
+    (``"efficientnet-lite0"``, ``"shapes-cnn"``, ``"clever-hans-cnn"``), a checkpoint of
+    ``convlens train`` (:func:`save_checkpoint`), or a factory ``file.py:function`` /
+    ``package.module:function`` (:func:`from_factory`, which takes ``weights``, ``labels``,
+    ``input_size``, ``mean`` and ``std``; the others carry their own).
 
     Checkpoints are read with ``torch.load(..., weights_only=True)``. A checkpoint of
-    ``convlens train --arch file.py:function`` calls that factory again: loading it runs that
-    file, as importing it would.
+    ``convlens train --arch SPEC`` calls that factory again, which runs its code: that is done
+    when the factory file lies in the checkpoint's folder (or below it: code that travels with
+    the checkpoint), and otherwise only with ``trust_code=True`` (the file is elsewhere, or the
+    factory is an installed module's function).
     """
     options = {"weights": weights, "labels": labels, "input_size": input_size, "mean": mean}
     options["std"] = std
@@ -460,6 +496,8 @@ def load_model(
     if isinstance(path, str) and path in ZOO and not Path(path).exists():
         return ZOO[path]()
     path = Path(path)
+    if path.suffix == ".py":
+        raise RequestError(f"{path} is a Python file: name its factory, {path}:FUNCTION")
     if not path.exists():
         raise FileNotFoundError(
             f"model not found: {path} (give a bundled name: {', '.join(ZOO)}; a checkpoint "
@@ -468,7 +506,8 @@ def load_model(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise RequestError(f"cannot read checkpoint {path}: {error}") from None
+        why = factories.unreadable(error)
+        raise RequestError(f"cannot read checkpoint {path}: {why}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RequestError(
             f"{path} is not a convlens checkpoint (written by `convlens train`); for your own "
@@ -476,19 +515,11 @@ def load_model(
         )
     factory = checkpoint.get("factory")
     if checkpoint.get("arch") == "factory" and factories.is_factory(factory):
-        checkpoint = {**checkpoint, "factory": _moved(factory, path)}
+        found = factories.recorded_factory(
+            factory, checkpoint.get("factory_relative"), path, trust_code
+        )
+        checkpoint = {**checkpoint, "factory": found}
     try:
         return from_checkpoint(checkpoint)
     except RequestError as error:
         raise type(error)(f"{path}: {error}") from None
-
-
-def _moved(spec: str, checkpoint: Path) -> str:
-    """A factory file recorded in a checkpoint, or the file of that name beside the checkpoint
-    when the recorded one is gone (a project folder moved to another machine)."""
-    where, function = factories.split_spec(spec)  # type: ignore[misc]
-    if where.endswith(".py") and not Path(where).is_file():
-        beside = checkpoint.parent / Path(where).name
-        if beside.is_file():
-            return f"{beside}:{function}"
-    return spec

@@ -13,13 +13,14 @@ convlens train photos/ --out skin.pt && convlens explain x.jpg --model skin.pt -
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from convlens.checks import RequestError
+from convlens.checks import RequestError, first_line
 from convlens.cli import commands
 from convlens.cli.requests import TARGET_FORMS, UsageError
 from convlens.files import printable
@@ -36,11 +37,17 @@ def model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", metavar="SPEC",
-        help="a bundled name (efficientnet-lite0, shapes-cnn), a checkpoint of `convlens train`, "
+        help="a bundled name (efficientnet-lite0, shapes-cnn, clever-hans-cnn), a checkpoint of "
+        "`convlens train`, "
         "or a factory path/to/file.py:function or package.module:function returning an "
         f"nn.Module (this runs that code) (default: {default})",
     )  # fmt: skip
     factory_arguments(group, "a factory model's")
+    group.add_argument(
+        "--trust-code", action="store_true",
+        help="load a checkpoint of `convlens train --arch` whose factory lies outside the "
+        "checkpoint's folder or is an installed module's function (this runs that code)",
+    )  # fmt: skip
 
 
 def factory_arguments(group: Any, whose: str, labels: bool = True) -> None:
@@ -60,13 +67,80 @@ def factory_arguments(group: Any, whose: str, labels: bool = True) -> None:
     )
 
 
+# features kind -> (help, its own options, the default layer); None: it takes no layer
+CAM_LAYER = "the CAM layer: the last feature map the classifier reads"
+FEATURE_KINDS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "filters": ("the convolution kernels of a layer, as pictures", (), "the first convolution"),
+    "activations": ("a layer's feature maps for an image", ("images",), CAM_LAYER),
+    "patches": (
+        "the image patches that excite one unit most (Zeiler & Fergus 2014)",
+        ("images", "channel", "k"),
+        CAM_LAYER,
+    ),
+    "class-model": (
+        "an image that maximises a class score (Simonyan et al. 2014)",
+        ("target", "steps"),
+        None,
+    ),
+    "dream": ("DeepDream: an image amplifying a layer's features", ("images", "steps"), CAM_LAYER),
+    "embedding": (
+        "t-SNE of the images' features, and an image's nearest neighbours",
+        ("images", "k"),
+        "the input of the last nn.Linear",
+    ),
+    "dissect": (
+        "network dissection: units against concept masks (Bau et al. 2017)",
+        ("images", "concepts"),
+        CAM_LAYER,
+    ),
+}
+# features kind -> the function of convlens.features it runs
+FEATURE_FUNCTIONS = {
+    "filters": "filters",
+    "activations": "activations",
+    "patches": "top_patches",
+    "class-model": "class_model",
+    "dream": "deep_dream",
+    "embedding": "tsne",
+    "dissect": "dissect",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def command(subcommands: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A sub-command with ``text`` as its help and description, defaults shown."""
+    parser: argparse.ArgumentParser = subcommands.add_parser(
+        name, help=text, description=text[:1].upper() + text[1:] + ".",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convlens", description="Explain and interpret convolutional image classifiers."
-    )
+        prog="convlens", description="Explain and interpret convolutional image classifiers.",
+        formatter_class=HelpFormatter,
+    )  # fmt: skip
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    explain = subcommands.add_parser("explain", help="explain predictions on images")
+    explain = command(subcommands, "explain", "explain predictions on images")
     explain.add_argument("images", nargs="*", help="image files")
     explain.add_argument("--samples", action="store_true", help="also use the bundled photos")
     model_arguments(explain, "efficientnet-lite0")
@@ -111,7 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     explain.add_argument(
         "--features", action="store_true",
-        help="add indirect explanations of each predicted class (class model, top patches)",
+        help="add indirect explanations of each predicted class (class model, DeepDream, top "
+        "patches)",
+    )  # fmt: skip
+    explain.add_argument(
+        "--sanity", action="store_true",
+        help="flag maps that do not depend on the model: the model randomisation test "
+        "(Adebayo et al. 2018) per method, one map per layer owning parameters (slow for "
+        "perturbation methods)",
     )  # fmt: skip
     explain.add_argument(
         "--curve-steps", type=int, default=20, help="steps of the deletion/insertion curves"
@@ -121,10 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.set_defaults(run=commands.run_explain)
 
-    trainer = subcommands.add_parser(
-        "train",
-        help="fine-tune the bundled EfficientNet-Lite0, or your network, on an image folder",
-    )
+    trainer = command(
+        subcommands, "train",
+        "fine-tune the bundled EfficientNet-Lite0, or your network, on an image folder",
+    )  # fmt: skip
     trainer.add_argument("data_dir", help="folder with one sub-folder of images per class")
     trainer.add_argument("--out", default="model.pt", help="checkpoint to write")
     network = trainer.add_argument_group("network (default: the bundled EfficientNet-Lite0)")
@@ -155,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.set_defaults(run=commands.run_train)
 
-    evaluate = subcommands.add_parser(
-        "evaluate",
-        help="score methods on your images (with their boxes), or on synthetic shapes with "
-        "known answers",
-    )
+    evaluate = command(
+        subcommands, "evaluate",
+        "score methods on your images (with their boxes), or on synthetic shapes with known "
+        "answers",
+    )  # fmt: skip
     evaluate.add_argument(
         "images", nargs="*", help="image files (without any: the shapes benchmark, --shapes N)"
     )
@@ -192,23 +273,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(run=commands.run_evaluate)
 
-    feats = subcommands.add_parser("features", help="what the network has learned (pictures)")
-    feats.add_argument("kind", choices=commands.FEATURES)
-    feats.add_argument("images", nargs="*", help="image files")
-    feats.add_argument("--samples", action="store_true", help="also use the bundled photos")
-    feats.add_argument("--shapes", type=int, default=0, metavar="N", help="N synthetic shapes")
-    model_arguments(feats, "efficientnet-lite0")
-    feats.add_argument("--layer", help="layer name (default: the CAM layer or the first conv)")
-    feats.add_argument("--channel", type=int, default=0, help="unit of `patches`")
-    feats.add_argument("--k", type=int, default=9, help="patches or neighbours to show")
-    feats.add_argument("--target", help="class index or label name of `class-model`")
-    feats.add_argument("--steps", type=int, default=None, help="optimisation steps")
-    feats.add_argument("--concepts", help="a .pt file {name: (N, H, W) bool masks} for dissect")
-    feats.add_argument("--seed", type=int, default=0)
-    feats.add_argument("--out", default="convlens-features", help="output folder")
-    feats.set_defaults(run=commands.run_features)
+    feats = command(subcommands, "features", "what the network has learned (pictures)")
+    kinds = feats.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind, (text, options, layer) in FEATURE_KINDS.items():
+        feature = command(kinds, kind, text)
+        if "images" in options:
+            feature.add_argument("images", nargs="*", help="image files")
+            feature.add_argument("--samples", action="store_true", help="also the bundled photos")
+            feature.add_argument("--shapes", type=int, default=0, metavar="N", help="N shapes")
+        model_arguments(feature, "efficientnet-lite0")
+        if layer is not None:
+            feature.add_argument("--layer", help=f"layer name (default: {layer})")
+        if "channel" in options:
+            feature.add_argument("--channel", type=int, default=0, help="the unit (channel)")
+        if "k" in options:
+            feature.add_argument("--k", type=int, default=9, help="patches or neighbours shown")
+        if "target" in options:
+            feature.add_argument("--target", help="class index or label name (required)")
+        if "steps" in options:
+            feature.add_argument("--steps", type=int, default=None, help="optimisation steps")
+        if "concepts" in options:
+            feature.add_argument("--concepts", help="a .pt file {name: (N, H, W) bool masks}")
+        feature.add_argument(
+            "--param", action="append", default=[], metavar="NAME=VALUE",
+            help=f"a parameter of cl.features.{FEATURE_FUNCTIONS[kind]} (see its docstring)",
+        )  # fmt: skip
+        feature.add_argument("--seed", type=int, default=0, help="seed of random choices")
+        feature.add_argument("--out", default="convlens-features", help="output folder")
+        feature.set_defaults(run=commands.run_features)
 
-    methods = subcommands.add_parser("methods", help="list the explanation methods")
+    auditor = command(
+        subcommands, "audit",
+        "explain every image of a data set, on this machine or a Ray cluster; rows in Parquet, "
+        "SpRAy strategies per class",
+    )  # fmt: skip
+    auditor.add_argument(
+        "data", nargs="+",
+        help="an image folder (class sub-folders give the true labels), a CSV or Parquet file of "
+        "image paths (columns path or image, optional label and x0,y0,x1,y1), or image files",
+    )  # fmt: skip
+    auditor.add_argument("--methods", default="gradcam", help="NAME[,NAME...] or 'all'")
+    model_arguments(auditor, "efficientnet-lite0")
+    auditor.add_argument("--boxes", metavar="FILE", help="object boxes, as for evaluate")
+    auditor.add_argument(
+        "--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+        help="run on Ray: a local instance, or the cluster at ADDRESS (ray://HEAD:10001, auto)",
+    )  # fmt: skip
+    auditor.add_argument("--workers", type=int, default=2, help="Ray workers (model copies)")
+    auditor.add_argument(
+        "--spray", metavar="METHOD", help="the method whose maps SpRAy clusters (default: first)"
+    )
+    auditor.add_argument(
+        "--curve-steps", type=int, default=100, help="steps of the deletion/insertion curves"
+    )
+    auditor.add_argument(
+        "--save-maps", action="store_true", help="also full-resolution maps, in sharded .npz"
+    )
+    auditor.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="as for explain"
+    )
+    auditor.add_argument("--seed", type=int, default=0, help="seed of random methods")
+    auditor.add_argument("--out", default="audit", help="output folder (resumable)")
+    auditor.set_defaults(run=commands.run_audit)
+
+    methods = command(
+        subcommands, "methods",
+        "list the explanation methods: family, parameters with defaults, forward passes",
+    )  # fmt: skip
     methods.add_argument("--family", help="only this family (gradient, cam, ...)")
     methods.set_defaults(run=commands.run_methods)
     return parser
@@ -226,6 +357,15 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars still drawn, so that a message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,15 +388,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         with freed_memory_kept():
             return args.run(args)
     except USAGE_ERRORS as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"convlens: error: {printable(message)}", file=sys.stderr)
+        _end_progress_bars()
+        print(f"convlens: error: {printable(first_line(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("convlens: interrupted", file=sys.stderr)
         return 130
     except Terminated:
+        _end_progress_bars()
         print("convlens: terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # `convlens methods | head`: the reader left; nothing to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
+        return 141
+    except BaseException:  # a bug: its traceback starts on a line of its own
+        _end_progress_bars()
+        raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from convlens.checks import RequestError, positive_int
+from convlens.checks import RequestError, first_line, positive_int
 from convlens.cli.requests import (
     UsageError,
     background_paths,
     load_model,
     model_options,
+    parse_keywords,
     parse_methods,
     parse_params,
     parse_target,
@@ -22,7 +23,15 @@ from convlens.cli.requests import (
 )
 from convlens.files import check_output, printable, write_atomic
 
-__all__ = ["FEATURES", "run_evaluate", "run_explain", "run_features", "run_methods", "run_train"]
+__all__ = [
+    "FEATURES",
+    "run_audit",
+    "run_evaluate",
+    "run_explain",
+    "run_features",
+    "run_methods",
+    "run_train",
+]
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -74,6 +83,7 @@ def run_explain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, seed=args.seed, curve_steps=args.curve_steps,
         features=args.features, feature_steps=args.feature_steps, log=say,
         targets=targets, background=reference, save_attributions=args.save_attributions,
+        sanity=args.sanity,
     )  # fmt: skip
     notes = [f"{len(document[key])} {key}" for key in ("skipped", "refused") if document[key]]
     print(
@@ -118,16 +128,18 @@ def _evaluate_images(
     args: argparse.Namespace, methods: list[str], params: dict[str, dict[str, Any]]
 ) -> int:
     """``convlens evaluate IMAGE... [--boxes FILE]``: the methods on the user's images."""
-    from convlens.boxes import read_boxes
+    from convlens.boxes import check_image_sizes, match_images, read_boxes
     from convlens.report.evaluation import check_evaluation_folder, evaluate_images
 
     if args.shapes is not None:
         raise UsageError("give image files or --shapes N, not both")
     positive_int("--curve-steps", args.curve_steps, minimum=2)
+    sources: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
     boxes = read_boxes(args.boxes) if args.boxes is not None else None
+    if boxes is not None:  # before the model loads: a box file of resized copies
+        check_image_sizes(boxes, sources, match_images(boxes, [name for name, _ in sources]))
     out = check_evaluation_folder(args.out)
     model = load_model(args)
-    sources: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
     document = evaluate_images(
         model, sources, methods, out, boxes=boxes, params=params, batch_size=args.batch_size,
         seed=args.seed, curve_steps=args.curve_steps, log=say,
@@ -216,7 +228,7 @@ def _load_concepts(path: str, n_images: int | None = None) -> Any:
     try:
         concepts = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure: the file is not what was asked for
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise UsageError(f"cannot read --concepts {path}: {message}") from None
     if not isinstance(concepts, dict):
         raise UsageError(
@@ -228,17 +240,27 @@ def _load_concepts(path: str, n_images: int | None = None) -> Any:
         raise UsageError(f"--concepts {path}: {error}") from None
 
 
+# what a features command sets itself, not open to --param
+FEATURE_RESERVED = ("layer", "channel", "k", "seed", "labels", "progress", "concept_masks")
+
+
 def run_features(args: argparse.Namespace) -> int:
     from convlens import features
+    from convlens.cli import FEATURE_FUNCTIONS
     from convlens.report.run import check_target
 
-    kind, layer = args.kind, args.layer
+    kind, layer = args.kind, getattr(args, "layer", None)
+    function = getattr(features, FEATURE_FUNCTIONS[kind])
     out = check_output(args.out, "folder")
-    positive_int("--k", args.k)
-    positive_int("--channel", args.channel, minimum=0)
-    positive_int("--shapes", args.shapes, minimum=0)
-    if args.steps is not None:
-        positive_int("--steps", args.steps)
+    params = parse_keywords(args.param, function, f"features {kind}", FEATURE_RESERVED)
+    for option in ("k", "channel", "shapes", "steps"):
+        value = getattr(args, option, None)
+        if value is not None:
+            positive_int(f"--{option}", value, minimum=0 if option in ("channel", "shapes") else 1)
+    if getattr(args, "steps", None) is not None:
+        if "steps" in params:
+            raise UsageError("give --steps or --param steps=..., not both")
+        params["steps"] = args.steps
     model = load_model(args)
     # the whole request, before the first forward pass
     if layer is not None:
@@ -253,24 +275,20 @@ def run_features(args: argparse.Namespace) -> int:
         _load_concepts(args.concepts)  # its form; the number of masks once images are read
     near = None
     if kind == "filters":
-        result = features.filters(model, layer)
+        result = features.filters(model, layer, **params)
     elif kind == "class-model":
-        result = features.class_model(
-            model, parse_target(args.target), steps=args.steps or 256, seed=args.seed
-        )
+        result = features.class_model(model, parse_target(args.target), seed=args.seed, **params)
     else:
         x, data = _feature_images(args, model)
         if kind == "activations":
-            result = features.activations(model, x[:1], layer)
+            result = features.activations(model, x[:1], layer, **params)
         elif kind == "patches":
-            result = features.top_patches(model, x, layer, channel=args.channel, k=args.k)
+            result = features.top_patches(model, x, layer, channel=args.channel, k=args.k, **params)
         elif kind == "dream":
-            result = features.deep_dream(
-                model, x[:1], layer, steps=args.steps or 10, seed=args.seed
-            )
+            result = features.deep_dream(model, x[:1], layer, seed=args.seed, **params)
         elif kind == "embedding":
             labels = data.labels if data is not None else None
-            result = features.tsne(model, x, labels=labels, layer=layer, seed=args.seed)
+            result = features.tsne(model, x, labels=labels, layer=layer, seed=args.seed, **params)
             near = features.neighbours(model, x[:1], x, k=min(args.k, len(x)), layer=layer)
         else:  # dissect
             if args.concepts:  # once more, now that the number of images is known
@@ -280,22 +298,62 @@ def run_features(args: argparse.Namespace) -> int:
                     name: data.masks & (data.labels == c).view(-1, 1, 1)
                     for c, name in enumerate(data.classes)
                 }
-            result = features.dissect(model, x, concepts, layer)
+            result = features.dissect(model, x, concepts, layer, **params)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused request writes nothing
     if near is not None:
         near.save(str(out / "neighbours.png"))
     picture = out / f"{kind}.png"
     result.save(str(picture))
-    summary = {"kind": kind, "model": model.name, **result.info}
+    summary = {"kind": kind, "model": model.name, "params": params, **result.info}
     write_atomic(out / f"{kind}.json", json.dumps(summary, indent=2, default=str).encode())
     print(printable(f"wrote {picture} and {out / (kind + '.json')}"))
     return 0
 
 
+def run_audit(args: argparse.Namespace) -> int:
+    """``convlens audit DATA``: every image of a data set explained, rows in Parquet."""
+    from convlens import audit
+    from convlens.audit.strategies import strategies
+
+    methods = parse_methods(args.methods)
+    params = parse_params(args.param, methods)
+    chosen = args.spray or methods[0]
+    if chosen not in methods:
+        raise UsageError(f"--spray {chosen}: not one of the selected --methods")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    data: Any = args.data[0] if len(args.data) == 1 else list(args.data)
+    if len(args.data) == 1 and Path(args.data[0]).suffix.lower() not in (".csv", ".parquet"):
+        data = args.data[0] if Path(args.data[0]).is_dir() else [args.data[0]]
+    model = load_model(args)
+    engine = "ray" if args.ray is not None else "local"
+    address = args.ray if isinstance(args.ray, str) else None
+    results = audit.run(
+        model, data, methods, args.out, engine, params=params, boxes=args.boxes,
+        seed=args.seed, steps=args.curve_steps, save_maps=args.save_maps, address=address,
+        workers=args.workers,
+    )  # fmt: skip
+    summary = strategies(args.out, chosen, seed=args.seed)
+    found = [
+        f"{c['label']}: {c['n_clusters']} strategies {c['sizes']}"
+        for c in summary["classes"]
+        if "n_clusters" in c
+    ]
+    say(f"SpRAy on {chosen} maps: " + ("; ".join(found) or "no class with enough maps"))
+    print(printable(f"wrote {results}"))
+    return 0
+
+
 def run_methods(args: argparse.Namespace) -> int:
+    import textwrap
+
     from convlens.registry import get_method, list_methods
 
+    indent = " " * 37
     for name in list_methods(args.family):
         cls = get_method(name)
         print(f"{name:22s} {cls.family:13s} {cls.description}")
+        given = ", ".join(f"{key}={value!r}" for key, value in cls.defaults.items()) or "none"
+        for line in (f"parameters: {given}", f"forward passes per image: {cls.passes}"):
+            print(textwrap.fill(line, 100, initial_indent=indent, subsequent_indent=indent + "  "))
     return 0

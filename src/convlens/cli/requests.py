@@ -21,6 +21,7 @@ __all__ = [
     "load_model",
     "model_options",
     "numbers",
+    "parse_keywords",
     "parse_methods",
     "parse_params",
     "parse_target",
@@ -97,6 +98,38 @@ def parse_target(text: str | None, top: bool = False, what: str = "--target") ->
     return label(text)  # a class index, or a label name checked against the model's labels
 
 
+def _literal(raw: str) -> Any:
+    """A ``--param`` value: a Python literal (``32``, ``0.5``, ``True``, ``(1, 2)``), else the
+    text itself."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return raw  # not a Python literal ("{[1]: 2}" is a TypeError): the text itself
+
+
+def parse_keywords(
+    items: Sequence[str], function: Any, what: str, reserved: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``--param name=value`` pairs for ``function`` (a ``features`` function): each name must
+    be one of its keyword parameters with a default, other than those the command sets."""
+    import inspect
+
+    takes = [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in reserved
+    ]
+    given: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param {item!r} must look like name=value")
+        if name not in takes:
+            raise UsageError(f"{what} takes no parameter {name!r}; it takes {', '.join(takes)}")
+        given[name] = _literal(raw)
+    return given
+
+
 def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``--param name=value`` pairs, given to each selected method that takes ``name``;
     ``--param method.name=value`` gives one method its own value."""
@@ -108,10 +141,7 @@ def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r} must look like name=value or method.name=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            value = raw  # not a Python literal ("{[1]: 2}" is a TypeError): the text itself
+        value = _literal(raw)
         method, dot, name = key.rpartition(".")
         if dot:
             if method not in per_method:
@@ -154,6 +184,13 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
         "mean": numbers("--mean", getattr(args, "mean", None)),
         "std": numbers("--std", getattr(args, "std", None)),
     }
+    if options["mean"] is not None or options["std"] is not None:
+        counts = [len(options[k]) if options[k] is not None else 3 for k in ("mean", "std")]
+        if counts[0] != counts[1] or counts[0] not in (1, 3):
+            raise UsageError(
+                f"--mean has {counts[0]} and --std {counts[1]} value(s) (3 when not given): give "
+                "both, with one value per input channel (3 for RGB, 1 for grayscale)"
+            )
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -170,14 +207,18 @@ def load_model(args: argparse.Namespace, default: str | None = None) -> Any:
             f"{option} is for a factory --model (path/to/file.py:function or "
             f"package.module:function); {spec or 'the bundled model'} carries its own"
         )
-    return cl.load_model(spec, **options)
+    if is_factory(spec):
+        return cl.load_model(spec, **options)
+    return cl.load_model(spec, trust_code=getattr(args, "trust_code", False))
 
 
 def read_targets_file(path: str, names: Sequence[str]) -> dict[str, tuple[int, Any]]:
     """``--targets-file``: a CSV with the header ``image,target`` and one row per image, its
     target in any ``--target`` form (a ``contrast:P,Q`` may be left unquoted); an image is
-    matched by its path as given, else by its file name. Returns ``{name: (line, target)}``;
+    matched by its path as given (``./`` and ``\\`` aside, as box files are:
+    ``convlens.boxes.image_key``), else by its file name. Returns ``{name: (line, target)}``;
     a bad row, an image named twice or by no given image is a one-line error."""
+    from convlens.boxes import image_key
 
     shown = printable(path)
     if not Path(path).is_file():
@@ -210,10 +251,17 @@ def read_targets_file(path: str, names: Sequence[str]) -> dict[str, tuple[int, A
             raise UsageError(f"{where}: expected IMAGE,TARGET")
         image = cells[0]
         target = parse_target(",".join(cells[1:]), top=True, what=f"{where}: target")
-        matches = [n for n in names if n == image] or [n for n in names if Path(n).name == image]
+        key = image_key(image)
+        by_path = [n for n in names if image_key(n) == key]
+        matches = by_path or [n for n in names if Path(image_key(n)).name == key]
         if len(set(matches)) > 1:
-            raise UsageError(f"{where}: {image!r} is the file name of {len(set(matches))} given "
-                             "images; give the path as on the command line")  # fmt: skip
+            what = (
+                ("is the path of", "give each image once")
+                if by_path
+                else ("is the file name of", "give the path as on the command line")
+            )
+            raise UsageError(f"{where}: {image!r} {what[0]} {len(set(matches))} given images; "
+                             f"{what[1]}")  # fmt: skip
         if not matches:
             unknown.append(image)
         elif matches[0] in found:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from convlens import viz
 from convlens.checks import RequestError
 from convlens.engine import session
 from convlens.files import save_picture
@@ -40,6 +41,16 @@ class Features:
 
     def save(self, path: str | os.PathLike) -> None:
         save_picture(self.image, path)
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter: :attr:`image` as PNG."""
+        return viz.png_bytes(self.image)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: :attr:`image` with the function's name and layer as its caption."""
+        layer = self.info.get("layer")
+        caption = f"{self.name}, layer {layer}" if layer else self.name
+        return viz.html_figure([self.image], caption)
 
 
 def resolve_layer(

@@ -71,6 +71,7 @@ class Anchors(PerturbationMethod):
     """
 
     description = "high-precision superpixel rule keeping the prediction (Ribeiro et al. 2018)"
+    passes: ClassVar[str] = "adaptive (KL-LUCB sampling), at most 1 + n_samples (20001)"
     random = True
     defaults: ClassVar[dict[str, Any]] = {
         "segmentation": "slic",

@@ -58,6 +58,8 @@ class Method(ABC):
         batch_size: default number of images per model call.
         random: whether the method draws random numbers (then ``seed`` matters).
         uses_layer: whether the method takes ``layer``.
+        passes: the forward passes per image, as a formula of the parameters (for
+            ``convlens methods``); backward passes are as many where the method takes gradients.
         reads_inside: whether the method changes backward rules or reads inner layers, which
             TorchScript code hides from Python (the method is refused on scripted models).
     """
@@ -72,6 +74,7 @@ class Method(ABC):
     random: ClassVar[bool] = False
     uses_layer: ClassVar[bool] = False
     reads_inside: ClassVar[bool] = False
+    passes: ClassVar[str] = "1 forward and backward pass"
 
     def __init__(self, engine: Engine, params: Mapping[str, Any], seed: int = 0):
         self.engine = engine

@@ -326,6 +326,7 @@ class CAM(CAMMethod):
     """
 
     description = "class activation map from a GAP + linear head (Zhou et al. 2016)"
+    passes: ClassVar[str] = "1 forward pass"
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False, "reshape": None}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
@@ -475,6 +476,7 @@ class ScoreCAM(ChannelScoringCAM):
     """
 
     description = "Score-CAM: channels weighted by the score of the masked input (Wang 2020)"
+    passes: ClassVar[str] = "1 + one per channel of the layer (1281 on Lite0's head)"
     score = staticmethod(probability_scores)
 
     def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
@@ -516,6 +518,7 @@ class AblationCAM(ChannelScoringCAM):
     """
 
     description = "Ablation-CAM: channels weighted by the score drop when removed (Desai 2020)"
+    passes: ClassVar[str] = "1 + one per channel of the layer (1281 on Lite0's head)"
 
     def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
         return _Ablations(x, features, layer, calls)
@@ -543,6 +546,7 @@ class EigenCAM(CAMMethod):
     """
 
     description = "Eigen-CAM: first principal component of the activations (Muhammad 2020)"
+    passes: ClassVar[str] = "1 forward pass"
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "relu": False, "reshape": None}
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
@@ -574,6 +578,7 @@ class GuidedGradCAM(CAMMethod):
     """
 
     description = "guided backprop x Grad-CAM (Selvaraju et al. 2017)"
+    passes: ClassVar[str] = "2 forward and backward passes (Grad-CAM and guided backpropagation)"
     reduction = "max_abs"
     defaults: ClassVar[dict[str, Any]] = {"layer": None, "reshape": None}
 

@@ -172,6 +172,7 @@ class IntegratedGradients(GradientMethod):
     """
 
     description = "integrated gradients along a path from a baseline (Sundararajan et al. 2017)"
+    passes: ClassVar[str] = "steps + 2 forward and backward passes (52)"
     reduction = "sum"
     defaults: ClassVar[dict[str, Any]] = {
         "baseline": "zero",
@@ -232,6 +233,7 @@ class SmoothGrad(GradientMethod):
     """
 
     description = "SmoothGrad: average of a gradient method over noisy inputs (Smilkov 2017)"
+    passes: ClassVar[str] = "1 + n_samples forward and backward passes (51), with the base method"
     random = True
     defaults: ClassVar[dict[str, Any]] = {
         "base": "saliency",

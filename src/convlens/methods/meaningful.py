@@ -47,6 +47,7 @@ class MeaningfulPerturbation(PerturbationMethod):
     """
 
     description = "optimised deletion/preservation mask (Fong & Vedaldi 2017; extremal 2019)"
+    passes: ClassVar[str] = "1 + steps forward and backward passes (301)"
     random = False  # only the noise perturbation draws (it then records its seed)
     batch_size = 8
     defaults: ClassVar[dict[str, Any]] = {

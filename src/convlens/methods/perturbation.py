@@ -73,6 +73,7 @@ class Occlusion(PerturbationMethod):
     """
 
     description = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
+    passes: ClassVar[str] = "1 + one per window place: ((side - window) // stride + 1) ** 2 (170)"
     defaults: ClassVar[dict[str, Any]] = {"window": 32, "stride": 16, "baseline": "zero"}
 
     @classmethod
@@ -165,6 +166,7 @@ class RISE(PerturbationMethod):
     """
 
     description = "randomized input sampling with smooth masks (Petsiuk et al. 2018)"
+    passes: ClassVar[str] = "1 + n_masks (4001)"
     random = True
     defaults: ClassVar[dict[str, Any]] = {"n_masks": 4000, "grid": 7, "p": 0.5}
 
@@ -429,6 +431,7 @@ class LIME(SurrogateMethod):
     """
 
     description = "local linear surrogate on superpixels (Ribeiro et al. 2016)"
+    passes: ClassVar[str] = "1 + n_samples (1001)"
     defaults: ClassVar[dict[str, Any]] = {
         **SurrogateMethod.defaults,
         "kernel_width": 0.25,
@@ -470,6 +473,7 @@ class KernelSHAP(SurrogateMethod):
     """
 
     description = "Shapley values of superpixels via the Shapley kernel (Lundberg & Lee 2017)"
+    passes: ClassVar[str] = "1 + n_samples (1001)"
     defaults: ClassVar[dict[str, Any]] = {**SurrogateMethod.defaults, "score": "logit"}
 
     def sample(self, generator: torch.Generator, n: int, m: int) -> Tensor:

@@ -64,6 +64,18 @@ class Curve:
         series = {f"input {r} (AUC {self.auc[r]:.3f})": self.scores[r] for r in rows}
         return viz.curve_plot(self.fractions, series, "fraction perturbed", "score", self.name)
 
+    def _repr_png_(self) -> bytes:
+        """Jupyter: :meth:`plot` of all inputs as PNG."""
+        return viz.png_bytes(self.plot())
+
+    def _repr_html_(self) -> str:
+        """Jupyter: :meth:`plot`, with each input's class and AUC as the caption."""
+        aucs = ", ".join(
+            f"input {i} (class {t}): {float(a):.3f}"
+            for i, (t, a) in enumerate(zip(self.targets, self.auc, strict=False))
+        )
+        return viz.html_figure([self.plot()], f"{self.name} AUC, {aucs}")
+
 
 @dataclass(frozen=True)
 class RegionPerturbation:
@@ -85,6 +97,10 @@ class RegionPerturbation:
         series = {"MoRF": self.morf.scores[i], "LeRF": self.lerf.scores[i]}
         title = f"region perturbation, ABPC {self.abpc[i]:.3f}"
         return viz.curve_plot(self.morf.fractions, series, "fraction of patches", "score", title)
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter: :meth:`plot` of the first input as PNG."""
+        return viz.png_bytes(self.plot())
 
 
 def _prepare(

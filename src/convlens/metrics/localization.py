@@ -1,7 +1,10 @@
 """Localization: does the map point at the object?
 
 - :func:`pointing_game`: Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"
-  (ECCV): a hit when the map's maximum lies within ``tolerance`` (15) pixels of the object.
+  (ECCV): a hit when the map's maximum lies within ``tolerance`` (15) pixels of the object. The
+  paper scores, for each object class of an image, that class's map against that class's boxes;
+  these functions score the maps and boxes they are given, so give each map its own class's
+  boxes (``convlens.report.evaluation`` does, when the boxes carry the model's labels).
 - :func:`energy_pointing_game`: Wang et al. 2020, "Score-CAM" (CVPRW), section 4.3: the share
   of the map's positive energy inside the object's box.
 - :func:`localization`: Zhou et al. 2016 (CAM, 20% of the maximum) and Selvaraju et al. 2017

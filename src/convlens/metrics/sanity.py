@@ -69,6 +69,19 @@ class Sanity:
         title = f"{self.method}: cascading randomisation"
         return viz.curve_plot(steps, series, "layers randomised, from the output", "", title)
 
+    def _repr_png_(self) -> bytes:
+        """Jupyter: :meth:`plot` as PNG."""
+        return viz.png_bytes(self.plot())
+
+    def _repr_html_(self) -> str:
+        """Jupyter: :meth:`plot`, with how many maps are model-independent as its caption."""
+        flagged, total = int(self.model_independent.sum()), len(self.model_independent)
+        caption = (
+            f"{self.method}: {flagged} of {total} maps still correlated with the original "
+            f"(Spearman >= {self.threshold:g}) once all {len(self.layers)} layers are random"
+        )
+        return viz.html_figure([self.plot()], caption)
+
     def grid(self, i: int = 0, columns: int = 6) -> Image.Image:
         """Image ``i``'s map before and after each step, side by side."""
         pictures = [Image.fromarray(viz.colorize(m.numpy())) for m in self.maps[:, i]]

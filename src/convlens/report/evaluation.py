@@ -6,9 +6,22 @@ Per method, over the images: the pointing game (Zhang et al. 2016), the energy i
 and top-5 localisation error (Zhou et al. 2016), deletion and insertion AUC (Petsiuk et al.
 2018) and seconds per image. Without boxes only the curves and the time are reported.
 
-The maps explain the predicted class. Boxes are read by ``convlens.boxes.read_boxes`` and mapped
-through the model's preprocessing; boxes cropped away are listed. The request is checked before
-any forward pass (:func:`check_evaluation`). The output folder (``evaluation.json``,
+Which map meets which boxes. When every box is labelled with one of the model's labels, the
+pointing game, the energy and the box IoU follow Zhang et al. 2016's protocol: for each class
+of the image (the labels of its boxes left after the crop), the map of that class is scored
+against that class's boxes, and the scores are averaged over (image, class) pairs: a map of
+"dog" on the "cat" box is no hit, and a misclassified image is scored on its true class's map.
+Otherwise (boxes without labels, or labels that are not the model's) the scoring is
+class-agnostic: the predicted class's map against all of the image's boxes, one score per
+image. ``evaluation.json`` (``boxes.protocol``: ``per_class`` or ``class_agnostic``),
+``evaluation.md`` and ``index.html`` say which was used. Each class is explained once per image
+and method: the maps of the image's classes serve the box scores and the top-5 localisation
+error alike. The curves and the seconds are those of the predicted class's map.
+
+Boxes are read by ``convlens.boxes.read_boxes`` and mapped through the model's preprocessing;
+boxes cropped away are listed, and the box scores are averaged over the images with boxes left.
+The request is checked before any forward pass (:func:`check_evaluation`), including the
+picture sizes a COCO or VOC file states. The output folder (``evaluation.json``,
 ``evaluation.md``, ``index.html`` and the pictures) is written as one unit, as the report of
 ``convlens explain`` is: into a fresh folder beside ``out``, moved over ``out`` at the end.
 """
@@ -16,8 +29,7 @@ any forward pass (:func:`check_evaluation`). The output folder (``evaluation.jso
 from __future__ import annotations
 
 import difflib
-import json
-import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,23 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
-from convlens.boxes import Box, image_size, map_boxes, match_images
-from convlens.checks import RequestError, positive_int
+from convlens.boxes import Box, check_image_sizes, image_size, map_boxes, match_images
+from convlens.checks import RequestError, first_line, positive_int
 from convlens.explanation import jsonable
-from convlens.files import (
-    make_staging_folder,
-    printable,
-    replace_folder,
-    save_picture,
-    write_atomic,
-)
+from convlens.files import make_staging_folder, printable, replace_folder, save_picture
 from convlens.images import ImageError
 from convlens.model import Model
-from convlens.report.page import environment, number
-from convlens.report.run import check_methods, check_report_folder, file_stem, first_line
+from convlens.report.evaluation_page import (
+    CLASS_AGNOSTIC,
+    CURVE_COLUMNS,
+    PER_CLASS,
+    draw_boxes,
+    evaluation_markdown,
+    write_pages,
+)
+from convlens.report.run import TOP, check_methods, check_report_folder, file_stem
 
 __all__ = [
     "EvaluationPlan",
@@ -53,38 +66,25 @@ __all__ = [
     "evaluation_markdown",
 ]
 
-TOP = 5
-TRUTH_COLOR = (255, 255, 255)  # ground-truth boxes: white on a black edge
-MAP_COLOR = (255, 0, 255)  # the map's own box: magenta
-DISPLAY = 224  # pictures are enlarged (nearest neighbour) to at least this side
-
-# summary columns: key -> heading (None values show as "n/a")
-BOX_COLUMNS = {
-    "pointing": "pointing game",
-    "energy": "energy in boxes",
-    "iou": "box IoU",
-    "hit_rate": "hit rate (IoU ≥ 0.5)",
-    "top1_error": "top-1 loc. error",
-    "top5_error": "top-5 loc. error",
-}
-CURVE_COLUMNS = {
-    "deletion": "deletion AUC (lower better)",
-    "insertion": "insertion AUC (higher better)",
-    "seconds": "seconds per image",
-}
-
 
 @dataclass(frozen=True)
 class EvaluationPlan:
     """What :func:`check_evaluation` found: per source its boxes (``None`` without), the
     images without boxes and why, the box file's images that match no source, whether the
-    localisation error can be computed (box labels are model labels) and why not."""
+    box labels are model labels (then the boxes are scored per class and the localisation
+    error is computed) and why not."""
 
     boxes: list[list[Box] | None]
     without_boxes: list[dict[str, str]]
     unused: list[str]
     labelled: bool
     reason: str | None
+
+    @property
+    def protocol(self) -> str:
+        """``per_class`` (Zhang et al. 2016) when the box labels are model labels, else
+        ``class_agnostic`` (the predicted class's map against all of the boxes)."""
+        return PER_CLASS if self.labelled else CLASS_AGNOSTIC
 
 
 def check_evaluation(
@@ -96,13 +96,16 @@ def check_evaluation(
     batch_size: int | None = None,
     curve_steps: int = 20,
 ) -> EvaluationPlan:
-    """Refuse, before any forward pass, a request that cannot be done: no images, unknown
-    methods or parameters (``report.run.check_methods``), a model without preprocessing,
-    images that match several box-file entries. Images without boxes are not refused: they
-    are listed (their curves are still computed). Box labels that are not model labels, or
-    missing labels, make the localisation error absent, with the reason (naming the labels)."""
+    """Refuse, before any forward pass, a request that cannot be done: no images, an image
+    file given twice, unknown methods or parameters (``report.run.check_methods``), a model
+    without preprocessing, images that match several box-file entries, a picture whose size
+    is not the one the box file states (``BoxFile.sizes``). Images without boxes are not
+    refused: they are listed (their curves are still computed). Box labels that are not model
+    labels, or missing labels, make the scoring class-agnostic and the localisation error
+    absent, with the reason (naming the labels)."""
     if isinstance(sources, (str, Path)) or not sources:
         raise RequestError("no images given")
+    _check_once(sources)
     check_methods(model, methods, params)
     if batch_size is not None:
         positive_int("batch_size", batch_size)
@@ -125,9 +128,29 @@ def check_evaluation(
         if key is not None:
             used.add(key)
     unused = [key for key in boxes if key not in used]
+    check_image_sizes(boxes, sources, keys)
     labels = [box.label for given in per_source if given for box in given]
     reason = _label_problem(model, labels)
     return EvaluationPlan(per_source, without, unused, reason is None, reason)
+
+
+def _check_once(sources: Sequence[tuple[str, Any]]) -> None:
+    """Refuse an image file given twice (the same resolved path): it would count twice."""
+    seen: dict[Path, str] = {}
+    for name, source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            continue  # a picture in memory: nothing to compare
+        try:
+            path = Path(source).resolve()
+        except (OSError, RuntimeError):  # a symbolic link loop
+            path = Path(source).absolute()
+        if path in seen:
+            also = f" (also as {printable(seen[path])})" if seen[path] != str(name) else ""
+            raise RequestError(
+                f"image {printable(name)} is given twice{also}; give each image once, or it "
+                "counts twice in the averages"
+            )
+        seen[path] = str(name)
 
 
 def _label_problem(model: Model, labels: list[str | None]) -> str | None:
@@ -177,9 +200,11 @@ def evaluate_images(
     (``evaluation.json``, ``evaluation.md``, ``index.html``, pictures); returns the document.
 
     The pointing game's tolerance is 15 pixels at 224 (Zhang et al. 2016), scaled to the
-    input width as in ``metrics.benchmark``. The top-5 localisation error needs the maps of
-    the image's classes among the 5 most probable; they are computed only when the box labels
-    are model labels. An image that cannot be read is logged and listed under ``skipped``; a
+    input width as in ``metrics.benchmark``. With box labels that are model labels, the box
+    scores are per class (the map of each of the image's classes against that class's boxes,
+    Zhang et al. 2016) and the top-5 localisation error is computed from the same maps;
+    otherwise the predicted class's map is scored against all of the boxes (the module's
+    notes). An image that cannot be read is logged and listed under ``skipped``; a
     method refusing an image (a ``RequestError``) is recorded under ``refused`` and the rest go
     on. One progress bar covers the run.
     """
@@ -187,14 +212,17 @@ def evaluate_images(
     plan = check_evaluation(model, sources, methods, params, boxes, batch_size, curve_steps)
     folder = check_evaluation_folder(out)
     if boxes is not None and plan.reason is not None:
-        log(f"convlens: no localisation error: {printable(plan.reason)}")
+        log(
+            "convlens: boxes scored class-agnostic (the predicted class's map against all of "
+            f"them), no localisation error: {printable(plan.reason)}"
+        )
     staging = make_staging_folder(folder)
     total = len(sources) * (len(methods) + 1)
     bar = tqdm(total=total, desc="evaluate", unit="step", disable=progress is False, delay=1.0)
     try:
         document = _run(model, sources, methods, staging, plan, boxes is not None, params,
                         batch_size, seed, curve_steps, log, bar)  # fmt: skip
-        _write(staging, document)
+        write_pages(staging, document)
         replace_folder(staging, folder)
     except BaseException:  # the previous evaluation stays as it was
         shutil.rmtree(staging, ignore_errors=True)
@@ -257,9 +285,14 @@ def _run(
             try:
                 e = explain(model, x, method=method, batch_size=batch_size, seed=seed,
                             progress=False, **own)  # fmt: skip
-                record = _scores(e, truth, tolerance)
-                if truth is not None and plan.labelled:
-                    record |= _localised(model, e, x, ranked, truth, owners, batch_size, seed, own)
+                record = _record(e)
+                shown, own_box = e, None
+                if truth is not None:
+                    job = _Maps(model, x, e, batch_size, seed, own)
+                    scored, shown, own_box = _score_boxes(
+                        job, truth, owners, ranked, plan.labelled, tolerance
+                    )
+                    record |= scored
             except RequestError as error:  # the method refuses this image: the others go on
                 reason = first_line(error)
                 log(f"convlens: {method} refused {printable(name)}: {printable(reason)}")
@@ -268,8 +301,7 @@ def _run(
                 bar.update(1)
                 continue
             record["file"] = f"{stem}_{method}.png"
-            shown = draw_boxes(e.overlay(0), truth, record.get("map_box"))
-            save_picture(shown, out / record["file"])
+            save_picture(draw_boxes(shown.overlay(0), truth, own_box), out / record["file"])
             entry["methods"][method] = record
             heatmaps.append(e.heatmap()[0])
             explained.append(e.targets[0])
@@ -287,8 +319,6 @@ def _run(
                 entry["methods"][method]["insertion"] = float(added.auc[i])
         bar.update(1)
         images.append(entry)
-    unread = {item["image"] for item in skipped}
-    given = [len(image["boxes"]) + len(image["dropped"]) for image in images]
     return {
         "model": model.name,
         "input_size": [height, width],
@@ -297,28 +327,46 @@ def _run(
         "params": {m: jsonable(dict(params.get(m, {}))) for m in methods},
         "seed": seed,
         "curve_steps": curve_steps,
-        "boxes": None
-        if not with_boxes
-        else {
-            "images_with_boxes": sum(n > 0 for n in given),
-            "boxes": sum(given),
-            "without_boxes": [  # of the images read
-                item for item in plan.without_boxes if item["image"] not in unread
-            ],
-            "unused": len(plan.unused),  # images of the box file not among those given
-            "dropped": dropped_all,
-            "pointing_tolerance": tolerance,
-            "localization_error": {
-                "computed": plan.labelled,
-                "reason": plan.reason,
-                "k": min(TOP, len(model.labels)) if plan.labelled and model.labels else None,
-            },
-        },
+        "boxes": _boxes_record(model, plan, images, skipped, dropped_all, tolerance)
+        if with_boxes
+        else None,
         "summary": _summary(images, methods, with_boxes, plan.labelled),
         "images": images,
         "skipped": skipped,
         "refused": refused,
         "seconds": time.perf_counter() - started,
+    }
+
+
+def _boxes_record(
+    model: Model,
+    plan: EvaluationPlan,
+    images: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    dropped: list[dict[str, Any]],
+    tolerance: float,
+) -> dict[str, Any]:
+    """``evaluation.json``'s ``boxes``: the counts over the images read (``boxes`` given,
+    ``boxes_left`` after the crop, ``images_with_boxes``: those with boxes left, which the box
+    scores are averaged over), the scoring ``protocol`` and the localisation error's state."""
+    unread = {item["image"] for item in skipped}
+    return {
+        "protocol": plan.protocol,
+        "images_with_boxes": sum(bool(image["boxes"]) for image in images),
+        "boxes": sum(len(image["boxes"]) + len(image["dropped"]) for image in images),
+        "boxes_left": sum(len(image["boxes"]) for image in images),
+        "images_all_cropped": [  # every box of these images was cropped away or outside
+            image["image"] for image in images if image["dropped"] and not image["boxes"]
+        ],
+        "without_boxes": [item for item in plan.without_boxes if item["image"] not in unread],
+        "unused": len(plan.unused),  # images of the box file not among those given
+        "dropped": dropped,
+        "pointing_tolerance": tolerance,
+        "localization_error": {
+            "computed": plan.labelled,
+            "reason": plan.reason,
+            "k": min(TOP, len(model.labels)) if plan.labelled and model.labels else None,
+        },
     }
 
 
@@ -365,58 +413,106 @@ def _image_entry(
     return entry, mapped, owners
 
 
-def _scores(e: Any, truth: torch.Tensor | None, tolerance: float) -> dict[str, Any]:
-    """The map's record: target, time, and with boxes its box scores."""
-    from convlens.metrics import energy_pointing_game, localization, pointing_game
-
+def _record(e: Any) -> dict[str, Any]:
+    """A map's record: the class it explains, its time."""
     summary = e.summary()
-    record: dict[str, Any] = {
+    return {
         "target": summary["targets"][0],
         "label": summary["labels"][0] if summary["labels"] else None,
         "seconds": float(e.seconds),
         "forwards": int(e.forwards),
     }
-    if truth is None:
-        return record
+
+
+@dataclass
+class _Maps:
+    """The maps of one image by one method, by class: the predicted class's first; any other
+    is explained on first use and kept, so that no class is explained twice."""
+
+    model: Model
+    x: torch.Tensor
+    predicted: Any
+    batch_size: int | None
+    seed: int
+    own: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        self.maps: dict[Any, Any] = {self.predicted.targets[0]: self.predicted}
+
+    def __call__(self, c: int) -> Any:
+        from convlens.api import explain
+
+        if c not in self.maps:
+            self.maps[c] = explain(
+                self.model, self.x, method=self.predicted.method, target=c,
+                batch_size=self.batch_size, seed=self.seed, progress=False, **self.own,
+            )  # fmt: skip
+        return self.maps[c]
+
+
+def _score_boxes(
+    maps: _Maps,
+    truth: torch.Tensor,
+    owners: list[int] | None,
+    ranked: list[int],
+    labelled: bool,
+    tolerance: float,
+) -> tuple[dict[str, Any], Any, list[float]]:
+    """One method's box scores on one image, the explanation its picture shows and that map's
+    own box. ``scores`` holds one entry per class of the image, its map against its boxes
+    (Zhang et al. 2016), when the labels are model labels (then the top-1 and top-5
+    localisation error too, from the same maps); otherwise one entry, the predicted class's map
+    against all of the boxes (``class`` None)."""
+    from convlens.metrics.localization import paper_threshold
+
+    e = maps.predicted
+    record: dict[str, Any] = {"threshold": paper_threshold(e.method)}
+    if not labelled or owners is None:
+        record["scores"] = [_box_scores(e, truth, tolerance, None, None)]
+        return record, e, record["scores"][0]["map_box"]
+    classes = list(dict.fromkeys(owners))  # the image's classes, by their first box
+    mine = torch.tensor(owners)
+    record["scores"] = [
+        _box_scores(maps(c), truth[mine == c], tolerance, c, maps.model.label(c)) for c in classes
+    ]
+    record |= _localised(maps, ranked, truth, owners)
+    # the picture shows the predicted class's map if it is one of the image's, else the first
+    shown = e.targets[0] if e.targets[0] in classes else classes[0]
+    record["shown"] = {"class": int(shown), "label": maps.model.label(int(shown))}
+    return record, maps(shown), record["scores"][classes.index(shown)]["map_box"]
+
+
+def _box_scores(
+    e: Any, truth: torch.Tensor, tolerance: float, c: int | None, label: str | None
+) -> dict[str, Any]:
+    """One map against boxes: the pointing game (Zhang et al. 2016), the energy in the boxes
+    (Wang et al. 2020), the IoU of the map's box and whether it reaches 0.5 (Zhou et al.
+    2016)."""
+    from convlens.metrics import energy_pointing_game, localization, pointing_game
+
     found = localization(e, [truth])
-    return record | {
+    return {
+        "class": c,
+        "label": label,
         "pointing": bool(pointing_game(e, [truth], tolerance)[0]),
         "energy": float(energy_pointing_game(e, [truth])[0]),
         "iou": float(found.iou[0]),
         "hit": bool(found.hit[0]),
         "map_box": [float(v) for v in found.boxes[0].tolist()],
-        "threshold": float(found.threshold),
     }
 
 
 def _localised(
-    model: Model,
-    e: Any,
-    x: torch.Tensor,
-    ranked: list[int],
-    truth: torch.Tensor,
-    owners: list[int],
-    batch_size: int | None,
-    seed: int,
-    own: Mapping[str, Any],
+    maps: _Maps, ranked: list[int], truth: torch.Tensor, owners: list[int]
 ) -> dict[str, Any]:
     """Whether the top-1 and top-5 predictions localise the object (Zhou et al. 2016): the
-    maps of the image's own classes among the 5 most probable are computed (the others are
-    wrong whatever their map)."""
-    from convlens.api import explain
+    maps of the image's own classes among the 5 most probable are read (the others are wrong
+    whatever their map)."""
     from convlens.metrics.localization import localization_error, paper_threshold
 
-    maps: list[torch.Tensor | None] = []
-    for c in ranked:
-        if c not in owners:
-            maps.append(None)
-        elif c == e.targets[0]:
-            maps.append(e.heatmap()[0])
-        else:
-            other = explain(model, x, method=e.method, target=c, batch_size=batch_size,
-                            seed=seed, progress=False, **own)  # fmt: skip
-            maps.append(other.heatmap()[0])
-    error = localization_error([maps], [ranked], [truth], [owners], paper_threshold(e.method))
+    heat = [maps(c).heatmap()[0] if c in owners else None for c in ranked]
+    threshold = paper_threshold(maps.predicted.method)
+    error = localization_error([heat], [ranked], [truth], [owners], threshold)
     return {
         "top1_correct": bool(error.correct[0, 0]),
         "top5_correct": bool(error.correct[0, : error.k].any()),
@@ -431,8 +527,9 @@ def _mean(values: list[Any]) -> float | None:
 def _summary(
     images: list[dict[str, Any]], methods: Sequence[str], with_boxes: bool, labelled: bool
 ) -> list[dict[str, Any]]:
-    """One row per method, means over the images it explained (box scores: over the images
-    with boxes; localisation error: 1 - the share localised)."""
+    """One row per method, means over the images it explained. Box scores: over the scores
+    of the images with boxes left (``images_with_boxes``), one per (image, class) pair when
+    scored per class (``scored`` counts them); localisation error: 1 - the share localised."""
     rows = []
     for method in methods:
         done = [
@@ -442,7 +539,8 @@ def _summary(
         ]
         row: dict[str, Any] = {"method": method, "images": len(done)}
         if with_boxes:
-            boxed = [r for r in done if "pointing" in r]
+            boxed = [r for r in done if "scores" in r]
+            scores = [s for r in boxed for s in r["scores"]]
             located = [r for r in boxed if "top1_correct" in r]
             top1, top5 = (
                 _mean([r["top1_correct"] for r in located]),
@@ -450,10 +548,11 @@ def _summary(
             )
             row |= {
                 "images_with_boxes": len(boxed),
-                "pointing": _mean([r["pointing"] for r in boxed]),
-                "energy": _mean([r["energy"] for r in boxed]),
-                "iou": _mean([r["iou"] for r in boxed]),
-                "hit_rate": _mean([r["hit"] for r in boxed]),
+                "scored": len(scores),
+                "pointing": _mean([s["pointing"] for s in scores]),
+                "energy": _mean([s["energy"] for s in scores]),
+                "iou": _mean([s["iou"] for s in scores]),
+                "hit_rate": _mean([s["hit"] for s in scores]),
                 "threshold": boxed[0]["threshold"] if boxed else None,
                 "top1_error": None if not labelled or top1 is None else 1.0 - top1,
                 "top5_error": None if not labelled or top5 is None else 1.0 - top5,
@@ -461,101 +560,3 @@ def _summary(
         row |= {key: _mean([r[key] for r in done if key in r]) for key in CURVE_COLUMNS}
         rows.append(row)
     return rows
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _markdown_text(text: Any) -> str:
-    """User text (file names, labels) safe inside a Markdown table cell: one line, no pipes,
-    no HTML."""
-    text = printable(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("[", "\\[").replace("]", "\\]")
-
-
-def evaluation_markdown(document: dict[str, Any]) -> str:
-    """``evaluation.md``: a header (model, images, boxes) and one table row per method."""
-    boxes = document["boxes"]
-    lines = [
-        "# convlens evaluation",
-        "",
-        f"Model **{_markdown_text(document['model'])}** (input "
-        f"{document['input_size'][0]}x{document['input_size'][1]}, crop {document['crop']:g}), "
-        f"{len(document['images'])} image(s)"
-        + (f", {len(document['skipped'])} skipped" if document["skipped"] else "")
-        + f", maps of the predicted class; curves with {document['curve_steps']} steps.",
-        "",
-    ]
-    if boxes is None:
-        lines.append("Boxes: none given, so only the deletion and insertion curves are scored.")
-        columns = CURVE_COLUMNS
-    else:
-        dropped = f", {len(boxes['dropped'])} cropped away or outside" if boxes["dropped"] else ""
-        unused = boxes["unused"]
-        lines.append(
-            f"Boxes: {boxes['boxes']} on {boxes['images_with_boxes']} image(s){dropped}; "
-            f"{len(boxes['without_boxes'])} image(s) without boxes"
-            + (f", {unused} image(s) of the box file not given" if unused else "")
-            + f"; pointing-game tolerance {boxes['pointing_tolerance']:.1f} px."
-        )
-        located = boxes["localization_error"]
-        if located["computed"]:
-            lines.append(
-                f"Localisation error over the {located['k']} most probable classes "
-                "(Zhou et al. 2016; IoU ≥ 0.5)."
-            )
-        else:
-            lines.append(f"No localisation error: {_markdown_text(located['reason'])}.")
-        columns = {**BOX_COLUMNS, **CURVE_COLUMNS}
-    heading = {"method": "method", "images": "images", **columns}
-    lines += ["", "| " + " | ".join(heading.values()) + " |", "|" + "---|" * len(heading)]
-    for row in document["summary"]:
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key in heading) + " |")
-    notes = [f"- skipped {_markdown_text(s['image'])}: {_markdown_text(s['reason'])}"
-             for s in document["skipped"]]  # fmt: skip
-    notes += [
-        f"- {_markdown_text(r['method'])} refused {_markdown_text(r['image'])}: "
-        f"{_markdown_text(r['reason'])}"
-        for r in document["refused"]
-    ]
-    if notes:
-        lines += ["", *notes]
-    return "\n".join(lines) + "\n"
-
-
-def draw_boxes(
-    picture: Image.Image, truth: torch.Tensor | None, own: Sequence[float] | None = None
-) -> Image.Image:
-    """``picture`` enlarged (nearest neighbour, to at least 224 pixels a side) with the
-    ground-truth boxes ``truth`` (N, 4) in white on a black edge and the map's own box ``own``
-    in magenta; boxes in the picture's pixels, right and bottom exclusive."""
-    factor = max(1, math.ceil(DISPLAY / min(picture.size)))
-    shown = picture.convert("RGB").resize(
-        (picture.width * factor, picture.height * factor), Image.Resampling.NEAREST
-    )
-    draw = ImageDraw.Draw(shown)
-
-    def rectangle(box: Sequence[float], color: tuple[int, int, int], width: int, grow: int) -> None:
-        x0, y0, x1, y1 = (float(v) * factor for v in box)
-        corners = [x0 - grow, y0 - grow, max(x0, x1 - 1) + grow, max(y0, y1 - 1) + grow]
-        draw.rectangle(corners, outline=color, width=width)
-
-    for box in [] if truth is None else truth.tolist():
-        rectangle(box, (0, 0, 0), 4, 1)  # a black edge around the white line
-        rectangle(box, TRUTH_COLOR, 2, 0)
-    if own is not None:
-        rectangle(own, MAP_COLOR, 2, 0)
-    return shown
-
-
-def _write(out: Path, document: dict[str, Any]) -> None:
-    """``evaluation.json``, ``evaluation.md`` and ``index.html``, each atomically."""
-    write_atomic(out / "evaluation.json", json.dumps(document, indent=2).encode())
-    write_atomic(out / "evaluation.md", evaluation_markdown(document).encode())
-    template = environment().get_template("evaluation.html")
-    columns = CURVE_COLUMNS if document["boxes"] is None else {**BOX_COLUMNS, **CURVE_COLUMNS}
-    page = template.render(doc=document, num=number, columns=columns)
-    write_atomic(out / "index.html", page.encode())

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from convlens.checks import RequestError, positive_int
+from convlens.checks import RequestError, first_line, positive_int
 from convlens.files import printable
 from convlens.images import ImageError
 from convlens.model import Model
@@ -185,7 +185,7 @@ def load_background(
         try:
             chosen[index] = model.preprocess(str(files[index])).float()
         except (ImageError, OSError, RequestError) as error:  # the file, not a bug: skip it
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             if log is not None:
                 log(f"convlens: skipping background {printable(str(files[index]))}: {reason}")
             skipped.append({"image": str(files[index]), "reason": reason})

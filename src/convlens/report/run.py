@@ -1,7 +1,9 @@
 """The work behind a report: explain every image with every method, score each map's
-faithfulness (deletion and insertion, Petsiuk et al. 2018), optionally add indirect
-explanations of the predicted classes, and write the pictures, ``results.json`` and
-``index.html``.
+faithfulness (deletion and insertion curves, Petsiuk et al. 2018), check each map against the
+map of another class and, when asked, against randomised models (:mod:`convlens.report.checks`,
+Adebayo et al. 2018), rank the methods with bootstrap intervals (:mod:`convlens.report.ranking`),
+optionally add indirect explanations of the predicted classes (:mod:`convlens.report.indirect`),
+and write the pictures, ``results.json`` and ``index.html``.
 
 The request is checked as a whole before any work (:func:`check_request`). The report is one
 unit: it is written into a fresh folder beside ``out`` and moved to ``out`` in one step at the
@@ -22,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from convlens.checks import RequestError, positive_int
+from convlens import viz
+from convlens.checks import RequestError, first_line
 from convlens.explanation import Explanation
 from convlens.files import (
-    check_output,
     make_staging_folder,
     printable,
     replace_folder,
@@ -33,6 +35,17 @@ from convlens.files import (
 )
 from convlens.images import ImageError
 from convlens.model import Model
+from convlens.report.checks import (
+    CLASS_THRESHOLD,
+    MODEL_THRESHOLD,
+    NO_CLASS_CHECK,
+    class_sensitivity,
+    not_applicable,
+    other_class,
+    plain,
+    sanity_flags,
+)
+from convlens.report.indirect import features_section
 from convlens.report.inputs import (
     Background,
     Top,
@@ -40,11 +53,24 @@ from convlens.report.inputs import (
     targets_by_image,
     with_background,
 )
+from convlens.report.ranking import NOTE, ranking
+from convlens.report.request import (
+    REPORT_FILES,
+    check_methods,
+    check_report_folder,
+    check_request,
+    check_target,
+)
 
-__all__ = ["check_methods", "check_report_folder", "check_request", "explain_images", "ranking"]
-
-# the files that make a folder a convlens report, which a new report may replace
-REPORT_FILES = ("index.html", "results.json")
+__all__ = [
+    "REPORT_FILES",
+    "check_methods",
+    "check_report_folder",
+    "check_request",
+    "check_target",
+    "explain_images",
+    "ranking",
+]
 
 TOP = 5
 
@@ -52,149 +78,6 @@ TOP = 5
 def file_stem(index: int, name: str) -> str:
     base = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(name).stem)[:40]
     return f"{index:02d}_{base or 'image'}"
-
-
-def ranking(images: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per method, averaged over the images: deletion AUC (lower is better), insertion
-    AUC (higher is better), their difference (the ranking key, higher is better), seconds and
-    forward passes. Rows are in rank order. With a ``Top(k)`` target only the rank-1 maps (the
-    most probable class, each image's ``methods[name]`` record) count, so that methods are
-    compared on the same target as without it; a method refused on an image leaves it out."""
-    from convlens.registry import get_method
-
-    rows = []
-    for name in methods:
-        entries = [
-            image["methods"][name]
-            for image in images
-            if name in image["methods"] and "refused" not in image["methods"][name]
-        ]
-        if not entries:
-            continue
-
-        def mean(key: str, entries: list[dict[str, Any]] = entries) -> float:
-            return sum(float(e[key]) for e in entries) / len(entries)
-
-        rows.append(
-            {
-                "method": name,
-                "family": get_method(name).family,
-                "deletion": mean("deletion"),
-                "insertion": mean("insertion"),
-                "faithfulness": mean("insertion") - mean("deletion"),
-                "seconds": mean("seconds"),
-                "forwards": mean("forwards"),
-            }
-        )
-    rows.sort(key=lambda row: -row["faithfulness"])
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    return rows
-
-
-def check_methods(
-    model: Model, methods: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None
-) -> None:
-    """Refuse, before any work, unknown methods, parameters meant for a method that is not
-    selected, and each method's unknown or bad parameters (``resolve_params`` and ``check``)
-    and layers the model does not have."""
-    from convlens.registry import get_method
-
-    if isinstance(methods, str) or not methods:
-        raise RequestError("give at least one method, as a list of names")
-    params = params or {}
-    for name in params:
-        if name not in methods:
-            raise RequestError(f"parameters are given for {name!r}, which is not selected")
-    for name in methods:
-        cls = get_method(name)
-        resolved = cls.resolve_params(dict(params.get(name, {})))
-        cls.check(resolved)
-        layer = resolved.get("layer")
-        for spec in layer if isinstance(layer, (list, tuple)) else [layer]:
-            if isinstance(spec, str):
-                model.layer(spec)
-
-
-def check_target(model: Model, target: Any) -> None:
-    """Refuse, before any work, a target the model cannot have: an unknown label name, a class
-    index out of range (the model's labels tell how many classes it has), an unknown layer,
-    ``Top(k)`` with more classes than the model has."""
-    from convlens.targets import Class, Contrast, check_class, check_target_spec, layer_of
-
-    if isinstance(target, Top):
-        if model.labels is not None and target.k > len(model.labels):
-            raise RequestError(
-                f"top:{target.k} asks for more classes than the model has ({len(model.labels)})"
-            )
-        return
-    for item in check_target_spec(target, 1, model.labels):
-        indices = [item.index] if isinstance(item, Class) else []
-        indices += [item.p, item.q] if isinstance(item, Contrast) else []
-        for index in indices:
-            if isinstance(index, int) and model.labels is not None:
-                check_class(index, len(model.labels))
-        layer = layer_of(item)
-        if layer is not None:
-            model.layer(layer)
-
-
-def check_request(
-    model: Model,
-    methods: Sequence[str],
-    params: Mapping[str, Mapping[str, Any]] | None = None,
-    target: Any = None,
-    batch_size: int | None = None,
-    curve_steps: int = 20,
-    feature_steps: int = 256,
-    *,
-    targets: Mapping[str, Any] | None = None,
-    background: Background | torch.Tensor | None = None,
-) -> None:
-    """Refuse a report request that cannot be carried out, before its first forward pass:
-    methods and their parameters with the reference set put in (:func:`check_methods`,
-    :func:`~convlens.report.with_background`), the target and each image's own ``targets``
-    (:func:`check_target`) and the numbers."""
-    check_methods(model, methods, with_background(methods, params, background)[0])
-    check_target(model, target)
-    for item in (targets or {}).values():
-        check_target(model, item)
-    if batch_size is not None:
-        positive_int("batch_size", batch_size)
-    positive_int("curve_steps", curve_steps, minimum=2)
-    positive_int("feature_steps", feature_steps)
-
-
-def check_report_folder(
-    out: str | Path, files: Sequence[str] = REPORT_FILES, what: str = "report"
-) -> Path:
-    """The folder a report may be written to, resolved: absent, empty or an earlier report
-    (``files``, by default ``index.html`` and ``results.json``, and no sub-folders), which the
-    new report replaces as a whole. Refuses a file, any other folder (its files would be lost),
-    the current folder or one holding it, and a place that cannot be written."""
-    out = Path(out)
-    check_output(out, "folder")
-    target = out.resolve()
-    shown = printable(out)
-    if target == Path(target.anchor):
-        raise RequestError(f"--out {shown} is the root folder; give a folder for the {what}")
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise RequestError(
-            f"--out {shown} holds the current folder, which the {what} would replace; "
-            "give another folder"
-        )
-    if target.is_dir():
-        entries = list(target.iterdir())
-        if entries and not (
-            all((target / name).is_file() for name in files)
-            and not any(entry.is_dir() for entry in entries)
-        ):
-            raise RequestError(
-                f"--out {shown} is a folder that is not a convlens {what}; the {what} replaces "
-                "its folder as a whole, so give a new or empty folder"
-            )
-    return target
 
 
 def explain_images(
@@ -215,6 +98,8 @@ def explain_images(
     targets: Mapping[str, Any] | None = None,
     background: Background | torch.Tensor | None = None,
     save_attributions: bool = False,
+    sanity: bool = False,
+    class_check: bool = True,
 ) -> dict[str, Any]:
     """Explain ``sources`` (``(name, path or image)`` pairs) with ``methods`` into the report
     folder ``out`` (pictures, ``results.json`` and ``index.html``); returns the document.
@@ -231,13 +116,28 @@ def explain_images(
     attribution (C, H, W) or (1, H, W) as float32, keyed by the method's name (with ``Top``:
     ``method@rank``, rank 1 to k).
 
+    Each method's map of a class target (rank 1 with ``Top``) is checked against its map of a
+    class from the middle of the model's ranking
+    (:func:`~convlens.report.checks.class_sensitivity`): one more explanation per method and
+    image, about as long as the maps themselves (``class_check=False`` leaves it out; it does
+    not apply to anchors, whose map of a class the model does not predict means nothing).
+    ``sanity`` adds the cascading model randomisation of Adebayo et al. 2018 per method on the
+    images (:func:`~convlens.report.checks.sanity_flags`: one map per layer owning parameters,
+    so it costs as many explanations per method as the model has such layers, batched over
+    the images). Each map's deletion and insertion curves (Petsiuk et al. 2018) are kept as
+    numbers, and the ranking has each method's bootstrap interval
+    (:mod:`convlens.report.ranking`). Arrays too large for ``results.json`` (LIME's segments
+    and samples, say) go to each image's ``<stem>_extras.npz``, referenced by file and key.
+
     The whole request is checked first (:func:`check_request`, :func:`check_report_folder`).
     An image that cannot be read is reported through ``log``, listed under ``skipped`` and
     left out; a method that refuses one image (a ``RequestError``, such as too few superpixels)
     is recorded on that image's card and under ``refused``, and the others go on. The report is
     written into a fresh folder beside ``out`` and replaces ``out`` as a whole at the end; if
     the run fails or is interrupted, that folder is removed and ``out`` stays as it was. One
-    progress bar covers the whole run.
+    progress bar covers the whole run, one step per map (``progress=False``: none); unless
+    ``progress=False``, each explanation, curve or feature that lasts over a second also shows
+    its own bar (images, rate and time left).
     """
     from convlens.report.page import write
 
@@ -248,14 +148,18 @@ def explain_images(
                   targets=targets, background=background)  # fmt: skip
     params, notes = with_background(methods, params, background)
     folder = check_report_folder(out)
-    # per image: each method once per map, the curves, at most one features step
-    total = sum(len(methods) * _maps(spec) + 1 + int(features) for spec in specs)
+    # per image: each method once per map and once for its class check, the curves; then one
+    # step per method for the sanity checks and one per predicted class for the features
+    checks = int(class_check)
+    total = sum(len(methods) * (_maps(spec) + checks) + 1 + int(features) for spec in specs)
+    total += len(methods) * int(sanity)
     staging = make_staging_folder(folder)
     bar = tqdm(total=total, desc="report", unit="step", disable=progress is False, delay=1.0)
     job = _Job(model, list(methods), staging, params, notes, batch_size, seed, curve_steps,
-               save_attributions, log, bar)  # fmt: skip
+               save_attributions, log, bar, False if progress is False else None,
+               class_check)  # fmt: skip
     try:
-        document = _run(job, sources, specs, features, feature_steps)
+        document = _run(job, sources, specs, features, feature_steps, sanity)
         document["target"] = describe_target(model, target)
         document["background"] = background.record() if background is not None else None
         write(staging, document)
@@ -270,10 +174,6 @@ def explain_images(
 
 def _maps(spec: Any) -> int:
     return spec.k if isinstance(spec, Top) else 1
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 @dataclass
@@ -291,7 +191,18 @@ class _Job:
     save_attributions: bool
     log: Callable[[str], None]
     bar: Any
+    progress: bool | None  # of each explanation's own bar (the engine's)
+    class_check: bool  # compare each map with the map of another class
     refused: list[dict[str, Any]] = field(default_factory=list)
+
+    def explain(self, x: torch.Tensor, method: str, target: Any) -> Explanation:
+        """One explanation of ``x`` as the report makes them all."""
+        from convlens.api import explain
+
+        return explain(
+            self.model, x, method=method, target=target, batch_size=self.batch_size,
+            seed=self.seed, progress=self.progress, **self.params.get(method, {}),
+        )  # fmt: skip
 
 
 def _run(
@@ -300,10 +211,12 @@ def _run(
     specs: list[Any],
     features: bool,
     feature_steps: int,
+    sanity: bool,
 ) -> dict[str, Any]:
     model = job.model
     images: list[dict[str, Any]] = []
     inputs: list[torch.Tensor] = []
+    explained: list[Any] = []  # each image's target request
     skipped: list[dict[str, str]] = []
     started = time.perf_counter()
     for index, ((name, source), spec) in enumerate(zip(sources, specs, strict=True)):
@@ -313,13 +226,14 @@ def _run(
             reason = first_line(error)
             job.log(f"convlens: skipping {printable(name)}: {printable(reason)}")
             skipped.append({"image": str(name), "reason": reason})
-            job.bar.update(len(job.methods) * _maps(spec) + 1)
+            job.bar.update(len(job.methods) * (_maps(spec) + int(job.class_check)) + 1)
             continue
         stem = file_stem(index, str(name))
         save_picture(_display(model, x), job.out / f"{stem}.png")
         images.append(_explain_image(job, x, str(name), stem, spec))
         job.bar.update(1)
         inputs.append(x)
+        explained.append(spec)
     document: dict[str, Any] = {
         "model": model.name,
         "methods": list(job.methods),
@@ -327,13 +241,19 @@ def _run(
         "images": images,
         "skipped": skipped,
         "refused": job.refused,
-        "ranking": ranking(images, job.methods),
+        "sanity": None,
         "features": [],
     }
+    if sanity and images:
+        document["sanity"] = _sanity(job, images, inputs, explained)
+    document["ranking"] = ranking(images, job.methods, seed=job.seed)
+    document["ranking_note"] = NOTE
+    document["thresholds"] = {"class": CLASS_THRESHOLD, "model": MODEL_THRESHOLD}
     if features and images:
-        document["features"] = _features(
-            model, images, torch.cat(inputs), job.out, feature_steps, job.seed, job.bar
-        )
+        document["features"] = features_section(
+            model, images, torch.cat(inputs), job.out, feature_steps, job.seed, job.bar,
+            job.progress,
+        )  # fmt: skip
     job.bar.update(job.bar.total - job.bar.n)
     document["seconds"] = time.perf_counter() - started
     return document
@@ -341,87 +261,203 @@ def _run(
 
 def _explain_image(job: _Job, x: torch.Tensor, name: str, stem: str, spec: Any) -> dict[str, Any]:
     """One image's card: its prediction, every method's map(s) with their deletion and
-    insertion AUCs, and (when asked) its attributions file."""
-    from convlens.metrics import deletion, insertion
-
+    insertion curves and class check, and (when asked) its attributions file."""
     model = job.model
     probabilities = model.predict(x)[0]
 
-    def classes(k: int) -> list[dict[str, Any]]:
-        best = probabilities.topk(min(k, len(probabilities)))
-        return [
-            {"class": int(c), "label": model.label(int(c)), "probability": float(p)}
-            for p, c in zip(best.values, best.indices, strict=True)
-        ]
+    def described(c: int) -> dict[str, Any]:
+        return {"class": c, "label": model.label(c), "probability": float(probabilities[c])}
 
+    best = probabilities.topk(min(TOP, len(probabilities))).indices.tolist()
     entry: dict[str, Any] = {
         "image": name,
         "input": f"{stem}.png",
         "target": describe_target(model, spec),
-        "top5": classes(TOP),
+        "top5": [described(int(c)) for c in best],
         "methods": {},
     }
     entry |= {k: entry["top5"][0][k] for k in ("class", "label", "probability")}
     ranks: list[dict[str, Any] | None] = [None]
     if isinstance(spec, Top):
-        entry["top"] = [{"rank": r, **c} for r, c in enumerate(classes(spec.k), 1)]
+        order = probabilities.topk(min(spec.k, len(probabilities))).indices.tolist()
+        entry["top"] = [{"rank": r, **described(int(c))} for r, c in enumerate(order, 1)]
         ranks = list(entry["top"])
     per_method: dict[str, list[dict[str, Any]]] = {}
     done: list[tuple[dict[str, Any], torch.Tensor, Any]] = []  # record, heat map, target
-    arrays: dict[str, Any] = {}
+    arrays: dict[str, Any] = {}  # attributions, when asked
+    extras: dict[str, np.ndarray] = {}  # large arrays of the records, kept in an .npz file
+    store = _store(extras, f"{stem}_extras.npz")
     for method in job.methods:
         per_method[method] = []
+        first: torch.Tensor | None = None  # the first map's heat map, for the class check
         for rank in ranks:
             at = stem if rank is None else f"{stem}_top{rank['rank']}"
-            record, e = _one_map(job, x, name, method, spec if rank is None else rank, at)
+            key = method if rank is None else f"{method}@{rank['rank']}"
+            record, e = _one_map(job, x, name, method, spec if rank is None else rank, at, key,
+                                 store)  # fmt: skip
             per_method[method].append(record)
+            if e is not None and rank is ranks[0]:
+                first = e.heatmap()[0]
             if e is not None:
+                if isinstance(record["target"], int):
+                    record["probability"] = float(probabilities[record["target"]])
                 done.append((record, e.heatmap()[0], e.targets[0]))
                 if job.save_attributions:
-                    key = method if rank is None else f"{method}@{rank['rank']}"
                     arrays[key] = e.attribution[0].detach().float().cpu().numpy()
                     record["array"] = key
             job.bar.update(1)
+        if job.class_check:
+            _class_check(job, x, stem, method, per_method[method][0], first, probabilities,
+                         described)  # fmt: skip
+            job.bar.update(1)
     job.bar.set_postfix_str(f"{stem}: deletion/insertion")
     if done:
-        batch = x.expand(len(done), *x.shape[1:])
-        maps = torch.stack([heat for _, heat, _ in done])
-        explained = [t for _, _, t in done]
-        common = {
-            "steps": job.curve_steps,
-            "batch_size": job.batch_size,
-            "target": explained if all(isinstance(t, int) for t in explained) else None,
-            "progress": False,
-        }
-        removed = deletion(model, batch, maps, **common)
-        added = insertion(model, batch, maps, **common)
-        for i, (record, _, _) in enumerate(done):
-            record["deletion"] = float(removed.auc[i])
-            record["insertion"] = float(added.auc[i])
+        _curves(job, x, done)
     for method, records in per_method.items():  # with Top: rank 1 first, every map under top
         entry["methods"][method] = records[0] if ranks == [None] else {**records[0], "top": records}
     if arrays:
         entry["attributions"] = f"{stem}_attributions.npz"
         with open(job.out / entry["attributions"], "wb") as file:
             np.savez(file, **arrays)
+    if extras:
+        entry["extras"] = f"{stem}_extras.npz"
+        with open(job.out / entry["extras"], "wb") as file:
+            np.savez_compressed(file, **extras)
     return entry
 
 
+def _store(extras: dict[str, np.ndarray], file: str) -> Callable[[str, np.ndarray], dict[str, Any]]:
+    """Where :func:`~convlens.report.checks.plain` keeps the arrays too large for
+    ``results.json``: in ``extras`` (written to ``file``), referenced by file and key."""
+
+    def keep(key: str, array: np.ndarray) -> dict[str, Any]:
+        extras[key] = array
+        return {"npz": file, "key": key, "shape": list(array.shape), "dtype": str(array.dtype)}
+
+    return keep
+
+
+def _curves(
+    job: _Job, x: torch.Tensor, done: list[tuple[dict[str, Any], torch.Tensor, Any]]
+) -> None:
+    """Deletion and insertion curves (Petsiuk et al. 2018) of every map of one image, in one
+    batch each; each record gets both AUCs and the curves as numbers."""
+    from convlens.metrics import deletion, insertion
+
+    batch = x.expand(len(done), *x.shape[1:])
+    maps = torch.stack([heat for _, heat, _ in done])
+    explained = [t for _, _, t in done]
+    common = {
+        "steps": job.curve_steps,
+        "batch_size": job.batch_size,
+        "target": explained if all(isinstance(t, int) for t in explained) else None,
+        "progress": job.progress,
+    }
+    removed = deletion(job.model, batch, maps, **common)
+    added = insertion(job.model, batch, maps, **common)
+    fractions = [float(f) for f in removed.fractions]
+    for i, (record, _, _) in enumerate(done):
+        record["deletion"] = float(removed.auc[i])
+        record["insertion"] = float(added.auc[i])
+        record["curves"] = {
+            "fractions": fractions,
+            "deletion": [float(v) for v in removed.scores[i]],
+            "insertion": [float(v) for v in added.scores[i]],
+        }
+
+
+def _class_check(
+    job: _Job,
+    x: torch.Tensor,
+    stem: str,
+    method: str,
+    first: dict[str, Any],
+    heat: torch.Tensor | None,
+    probabilities: torch.Tensor,
+    described: Callable[[int], dict[str, Any]],
+) -> None:
+    """The class-sensitivity check of one map (``first``, the rank-1 map with ``Top``) against
+    a new map of the middle-ranked other class (:func:`~convlens.report.checks.other_class`).
+    Not applied to targets that are not one class."""
+    if heat is None:
+        return
+    target = first["target"]
+    if not isinstance(target, int):
+        first["class_sensitivity"] = not_applicable(
+            "the map explains a channel, a neuron or a contrast, not one class"
+        )
+        return
+    if method in NO_CLASS_CHECK:
+        first["class_sensitivity"] = not_applicable(NO_CLASS_CHECK[method])
+        return
+    chosen, rank = other_class(probabilities, target)
+    other = {**described(chosen), "rank": rank}
+    job.bar.set_postfix_str(f"{stem}: {method} (class check)")
+    started = time.perf_counter()
+    try:
+        second = job.explain(x, method, chosen).heatmap()[0]
+    except RequestError as error:  # the method refuses the other class: recorded, no flag
+        reason = f"{method} refused the other class: {first_line(error)}"
+        first["class_sensitivity"] = class_sensitivity(heat, None, other, reason)
+        return
+    first["class_sensitivity"] = class_sensitivity(heat, second, other)
+    first["class_sensitivity"]["seconds"] = time.perf_counter() - started
+
+
+def _sanity(
+    job: _Job, images: list[dict[str, Any]], inputs: list[torch.Tensor], specs: list[Any]
+) -> dict[str, Any]:
+    """The model randomisation test per method on the images it explained (rank 1 with
+    ``Top``), each for the target its map explains; each record gets its result."""
+    from convlens.targets import check_target_spec
+
+    found: dict[str, Any] = {}
+    for method in job.methods:
+        job.bar.set_postfix_str(f"sanity: {method}")
+        chosen = [i for i, image in enumerate(images) if "refused" not in image["methods"][method]]
+        if chosen:
+            targets = [
+                images[i]["methods"][method]["target"]
+                if isinstance(images[i]["methods"][method]["target"], int)
+                else check_target_spec(specs[i], 1, job.model.labels)[0]
+                for i in chosen
+            ]
+            x = torch.cat([inputs[i] for i in chosen])
+            result = sanity_flags(job.model, method, x, targets, job.params.get(method, {}),
+                                  job.seed, job.batch_size)  # fmt: skip
+            result["images"] = [images[i]["image"] for i in chosen]
+            for j, i in enumerate(chosen if "flags" in result else []):
+                record = images[i]["methods"][method]
+                record["sanity"] = {
+                    "correlation": result["spearman"][j],
+                    "ssim": result["ssim"][j],
+                    "flag": result["flags"][j],
+                }
+                if "top" in record:  # the rank-1 card of a Top(k) report shows it too
+                    record["top"][0]["sanity"] = record["sanity"]
+            found[method] = result
+        job.bar.update(1)
+    return found
+
+
 def _one_map(
-    job: _Job, x: torch.Tensor, name: str, method: str, target: Any, stem: str
+    job: _Job,
+    x: torch.Tensor,
+    name: str,
+    method: str,
+    target: Any,
+    stem: str,
+    key: str,
+    store: Callable[[str, np.ndarray], dict[str, Any]],
 ) -> tuple[dict[str, Any], Explanation | None]:
     """One method's map of one image for ``target`` (a rank of ``Top``: a dict with its
-    ``rank`` and ``class``): its record (pictures saved), and the explanation unless the
-    method refused the image."""
-    from convlens.api import explain
-
+    ``rank`` and ``class``): its record (pictures saved: the overlay, its |map| and smoothed
+    views where the map is speckled, the raw RGB picture of an input-channel attribution), and
+    the explanation unless the method refused the image."""
     head = dict(target) if isinstance(target, dict) else {}
     job.bar.set_postfix_str(f"{stem}: {method}")
     try:
-        e = explain(
-            job.model, x, method=method, target=head.get("class", target),
-            batch_size=job.batch_size, seed=job.seed, progress=False, **job.params.get(method, {}),
-        )  # fmt: skip
+        e = job.explain(x, method, head.get("class", target))
     except RequestError as error:  # the method refuses this image: the others go on
         reason = first_line(error)
         where = f" (rank {head['rank']})" if head else ""
@@ -432,6 +468,9 @@ def _one_map(
     file = f"{stem}_{method}.png"
     e.save(job.out / file)
     summary = e.summary()
+    parameters = dict(e.params)
+    if method in job.notes:  # the reference set, recorded by where it came from, not as numbers
+        parameters["baseline"] = job.notes[method]
     record: dict[str, Any] = {
         **head,
         "file": file,
@@ -439,65 +478,46 @@ def _one_map(
         "label": summary["labels"][0],
         "seconds": summary["seconds"],
         "forwards": summary["forwards"],
-        "params": summary["params"],
-        "extras": summary["extras"],
+        "params": plain(parameters, store, f"{key}/params"),
+        "extras": plain(dict(e.extras), store, f"{key}/extras"),
+        "views": _views(job, e, stem, method, file),
     }
-    if method in job.notes:  # the reference set, recorded by where it came from, not as numbers
-        record["params"]["baseline"] = job.notes[method]
+    if e.attribution.shape[1] == 3:  # the gradient family's own picture (and any RGB map's)
+        record["raw"] = f"{stem}_{method}_raw.png"
+        save_picture(e.raw_picture(0), job.out / record["raw"])
     if any(e.extras.get("saturated", [])):
         record["note"] = "no explanation: the prediction did not move under any mask (saturated)"
+    heat = e.heatmap()[0]
+    if float(heat.max()) == float(heat.min()):  # its curves would score the raster order
+        record["constant"] = True
+        record.setdefault(
+            "note",
+            f"a constant map (every pixel {float(heat.max()):.3g}): it ranks no pixel above "
+            "another, so its curves score nothing of the method and it is left out of the ranking",
+        )
     if "superpixels" in e.extras or "anchor" in e.extras:
         record["superpixels"] = f"{stem}_{method}_superpixels.png"
         save_picture(e.superpixels(), job.out / record["superpixels"])
     return record, e
 
 
+def _views(job: _Job, e: Explanation, stem: str, method: str, file: str) -> list[dict[str, Any]]:
+    """The views of the map a card can switch between, each with its picture and the values
+    its colour bar's ends stand for (:func:`convlens.viz.map_range`): the signed map, and for
+    a speckled map (:meth:`~convlens.Explanation.speckled`) its magnitude and a smoothed map."""
+    heat = e.heatmap()[0].numpy()
+    shown = ["signed", "abs", "smooth"] if e.speckled(0) else ["signed"]
+    views = []
+    for view in shown:
+        picture = file if view == "signed" else f"{stem}_{method}_{view}.png"
+        if view != "signed":
+            save_picture(e.overlay(0, view=view), job.out / picture)
+        low, high, signed = viz.map_range(viz.view_map(heat, view))
+        views.append({"view": view, "file": picture, "low": low, "high": high, "signed": signed})
+    return views
+
+
 def _display(model: Model, x: torch.Tensor) -> Any:
     from PIL import Image
 
     return Image.fromarray(model.to_display(x)[0])
-
-
-def _features(
-    model: Model,
-    images: list[dict[str, Any]],
-    x: torch.Tensor,
-    out: Path,
-    steps: int,
-    seed: int,
-    bar: Any,
-) -> list[dict[str, Any]]:
-    """For each predicted class: its class model image, and the top patches (over the report's
-    images) of the channel of the CAM layer that contributes most to it on its first image."""
-    from convlens import features
-
-    layer = features.common.resolve_layer(model, None, x[:1])
-    entries = []
-    classes = list(dict.fromkeys(image["class"] for image in images))
-    for c in classes:
-        bar.set_postfix_str(printable(f"features of {model.label(c)}"))
-        first = next(i for i, image in enumerate(images) if image["class"] == c)
-        contributions = features.channel_contributions(model, x[first : first + 1], c, layer)[0]
-        channel = int(contributions.argmax())
-        synthesis = features.class_model(model, c, steps=steps, seed=seed, progress=False)
-        patches = features.top_patches(model, x, layer, channel=channel, k=len(x), progress=False)
-        stem = f"class_{c}"
-        synthesis.save(out / f"{stem}_model.png")
-        patches.save(out / f"{stem}_patches.png")
-        entries.append(
-            {
-                "class": c,
-                "label": model.label(c),
-                "class_model": f"{stem}_model.png",
-                "layer": layer,
-                "channel": channel,
-                "contribution": float(contributions[channel]),
-                "share": float(
-                    contributions[channel] / contributions.clamp(min=0).sum().clamp(min=1e-12)
-                ),
-                "patches": f"{stem}_patches.png",
-                "steps": steps,
-            }
-        )
-        bar.update(1)
-    return entries

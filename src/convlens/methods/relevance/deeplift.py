@@ -286,6 +286,7 @@ class DeepLift(Method):
     """
 
     description = "DeepLIFT rescale rule, or DeepSHAP over a baseline set (Shrikumar et al. 2017)"
+    passes: ClassVar[str] = "2 forward and backward passes (input and baseline; 2 per reference)"
     reads_inside = True
     reduction = "sum"
     defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "shap": False}
@@ -401,6 +402,7 @@ class GradientShap(Method):
     """
 
     description = "expected gradients over a baseline distribution (Lundberg & Lee 2017)"
+    passes: ClassVar[str] = "1 + n_samples forward and backward passes (21)"
     reduction = "sum"
     random = True
     defaults: ClassVar[dict[str, Any]] = {"baseline": "zero", "n_samples": 20, "stdev": 0.0}
