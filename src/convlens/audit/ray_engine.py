@@ -1,7 +1,7 @@
 """The Ray engine of ``convlens.audit.run`` (``engine="ray"``): the chunks still to do become a
 Ray Data data set, an actor pool of ``workers`` (each holding one copy of the model, and one
 GPU, or a share of the GPUs, where the cluster has them) reads and explains them with the same
-:func:`convlens.audit.run.explain_batch` as the local engine, and the driver writes each
+:func:`convlens.audit.batch.explain_batch` as the local engine, and the driver writes each
 chunk's rows as the same part files, so a Ray run resumes like a local one (and either engine
 can resume the other's run).
 
@@ -12,6 +12,7 @@ give its address: ``run(..., engine="ray", address="ray://head:10001")`` or ``"a
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -22,20 +23,29 @@ import numpy as np
 from convlens.audit.batch import explain_batch
 from convlens.audit.data import Item
 from convlens.audit.store import Store
+from convlens.checks import RequestError
 from convlens.model import Model
 
 __all__ = ["ExplainActor", "run_ray"]
+
+
+def _ray() -> Any:
+    """Ray, imported only when a Ray run asks for it (an optional extra)."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise RequestError("engine='ray' needs Ray: pip install 'convlens[ray]'") from None
 
 
 class ExplainActor:
     """A Ray actor: loads the model once, then explains one chunk per call."""
 
     def __init__(self, model: Any, spec: str | None, options: Mapping[str, Any]) -> None:
-        import ray
         import torch
 
         from convlens.zoo import load_model
 
+        ray = _ray()
         if spec is not None:
             loaded = load_model(spec)
         else:
@@ -57,7 +67,7 @@ class ExplainActor:
 def _connect(address: str | None, workers: int) -> bool:
     """Connect to Ray (``address``, or a new local instance with a CPU for each worker at
     least); whether this call started it."""
-    import ray
+    ray = _ray()
 
     if ray.is_initialized():
         return False
@@ -82,8 +92,8 @@ def run_ray(
     """Explain the chunks ``todo`` on Ray and write each as a part of ``store``. ``spec`` (a
     ``load_model`` spec) lets each worker load the model itself; without it the model object
     is shipped once through the object store."""
-    import ray
-    import ray.data
+    ray = _ray()
+    importlib.import_module("ray.data")
 
     if not todo:
         return
