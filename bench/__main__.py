@@ -9,12 +9,15 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-SUITES = ("gradient", "cam", "perturbation", "relevance", "features")
+SUITES = ("gradient", "cam", "perturbation", "relevance", "features", "audit", "devices")
 
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
-        print(f"usage: python -m bench {{{','.join(SUITES)}}} [--repeats N]", file=sys.stderr)
+        print(
+            f"usage: python -m bench {{{','.join(SUITES)}}} [--repeats N] [--device cuda]",
+            file=sys.stderr,
+        )
         return 2
     import importlib
 

@@ -29,6 +29,19 @@ from convlens.engine import freed_memory_kept
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# the device of a run (``--device``), read by the suite's helper processes too
+DEVICE_VARIABLE = "CONVLENS_BENCH_DEVICE"
+
+
+def device() -> torch.device:
+    """The device this run measures on: ``--device``, ``cpu`` by default."""
+    return torch.device(os.environ.get(DEVICE_VARIABLE, "cpu"))
+
+
+def synchronise() -> None:
+    """Wait for the device's queued work, so that a clock stopped next measures it."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
 
 
 def rss_bytes() -> int:
@@ -37,9 +50,15 @@ def rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Largest resident memory above the level at entry, sampled every 5 ms."""
+    """Largest resident memory above the level at entry, sampled every 5 ms; on a GPU, the
+    largest memory allocated by torch on it above the level at entry."""
 
     def __enter__(self) -> PeakMemory:
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = self.peak = torch.cuda.memory_allocated()
+            return self
         self.start = rss_bytes()
         self.peak = self.start
         self._stop = threading.Event()
@@ -53,6 +72,10 @@ class PeakMemory:
             time.sleep(0.005)
 
     def __exit__(self, *exc: Any) -> None:
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
@@ -73,6 +96,7 @@ def timed(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, Any]:
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
+        synchronise()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -93,6 +117,7 @@ def timed_alternately(fns: list[Callable[[], Any]], repeats: int) -> tuple[list[
         for k, fn in enumerate(fns):
             start = time.perf_counter()
             value = fn()
+            synchronise()
             times[k].append(time.perf_counter() - start)
             if k == 0:
                 result = value
@@ -202,7 +227,8 @@ def setup() -> tuple[Any, torch.Tensor, int]:
     warnings.filterwarnings("ignore", module="captum")
     torch.manual_seed(0)
     model = cl.load_model()
-    x = model.preprocess(cl.sample_images()["chelsea"])
+    model.module.to(device())
+    x = model.preprocess(cl.sample_images()["chelsea"]).to(device())
     with torch.no_grad():
         target = int(model.module(x).argmax())
     return model, x, target
@@ -237,7 +263,10 @@ def run_suite(
     model, x, target = setup()
     bare = copy.deepcopy(model.module).eval()
     frozen_parameters(bare)
+    where = device()
+    machine = torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu"
     print(
+        f"device {machine}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; floors measured with freed "
         "memory kept for reuse, as convlens.explain runs"
@@ -338,7 +367,8 @@ def run_suite(
         "vs_oracle = oracle seconds / convlens seconds, the oracle run as its users run it "
         "(its own fresh process, default allocator); vs_oracle_kept = the same in this "
         "process with freed memory kept for reuse, as convlens.explain runs. peak_MB = extra "
-        "resident memory at the peak of one cold call in a fresh process"
+        "resident memory (on a GPU: memory torch allocated there) at the peak of one cold call "
+        "in a fresh process"
     )
     return rows
 
@@ -355,7 +385,11 @@ def suite_main(
     parser = argparse.ArgumentParser(prog=f"python -m bench {suite}")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--methods", help="NAME[,NAME...] of this suite (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    os.environ[DEVICE_VARIABLE] = args.device  # the oracle and memory processes read it
     methods = cl.list_methods(suite)
     if args.methods:
         methods = [m for m in args.methods.split(",") if m in methods]

@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .common import setup
+from .common import setup, synchronise
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() == "run":
             oracle()
+            synchronise()
             print("done", flush=True)
 
 

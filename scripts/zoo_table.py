@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from test_lifecycle import classes
 from test_zoo import SETTINGS, TARGET
 from zoo import ZOO, zoo_input
 
@@ -31,6 +32,7 @@ REASONS = [
     (r"no rule for (\w+)", r"\1"),
     (r"sum to .* not f\(x\)", "an operation without a rule"),
     (r"does not read that pooling", "no GAP + linear head"),
+    (r"reads negative values", "negative activations"),
 ]
 
 
@@ -51,7 +53,7 @@ def table() -> str:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    cl.explain(build(), x, method, target=TARGET, progress=False,
+                    cl.explain(build(), x, method, target=classes(method, TARGET), progress=False,
                                **SETTINGS.get(method, {}))  # fmt: skip
             except RequestError as error:
                 key = (family, cl.get_method(method).family)

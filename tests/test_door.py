@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import probe, tiny, tiny_input
-from test_lifecycle import FAST
+from test_lifecycle import FAST, classes
 from torch import nn
 
 import convlens as cl
@@ -27,7 +27,8 @@ def fast(method: str) -> dict[str, Any]:
 
 
 def explain(model: Any, x: torch.Tensor, method: str, **kwargs: Any) -> cl.Explanation:
-    return cl.explain(model, x, method=method, target=kwargs.pop("target", [1, 2, 3][: len(x)]),
+    target = kwargs.pop("target", classes(method, [1, 2, 3][: len(x)]))
+    return cl.explain(model, x, method=method, target=target,
                       progress=False, **{**fast(method), **kwargs})  # fmt: skip
 
 
@@ -178,6 +179,7 @@ def test_wrap_chooses_the_output():
 CLASS_ONLY = {
     "cam": "cam explains classes",
     "anchors": "anchors explains a class",
+    "contrast_cam": "not a (Channel|Neuron) target",
 }
 # methods that score classes by their probability and inner units by their raw value: on the
 # cut model below the unit is a class, so these two cannot be compared
@@ -212,7 +214,7 @@ def test_inner_unit_targets_explain_the_unit_or_are_refused(method, unit):
         kwargs["layer"] = model.act1
         if "relu" in cl.get_method(method).defaults:
             kwargs["relu"] = False
-    if method in ("lime", "kernel_shap"):
+    if method in ("lime", "kernel_shap", "occlusion"):
         kwargs["score"] = "logit"  # the unit's raw value, as the cut model's logit
     e = explain(model, x, method, target=target, **kwargs)
     assert torch.isfinite(e.attribution).all() and e.attribution.abs().sum() > 0
@@ -259,7 +261,9 @@ def test_progress_bars_end_exactly_at_their_total(method, monkeypatch):
     Recorder.bars = []
     model, x = tiny(head="gap"), tiny_input(2)
     probed = probe(model, x)
-    e = cl.explain(model, x, method=method, target=[1, 2], progress=True, **fast(method))
+    e = cl.explain(
+        model, x, method=method, target=classes(method, [1, 2]), progress=True, **fast(method)
+    )
     (bar,) = Recorder.bars
     *work, completion = bar.updates
     assert bar.n == bar.total and sum(work) == e.forwards - probed

@@ -294,3 +294,15 @@ def test_features_command_errors_are_one_line(capsys):
     assert main(["features", "class-model", "--model", "shapes-cnn"]) == 2
     assert "--target" in capsys.readouterr().err
     assert main(["features", "dissect", "--model", "shapes-cnn", "--samples"]) == 2
+
+
+def test_positive_number_refuses_text_signs_and_non_finite_values_in_one_line():
+    from convlens.checks import RequestError, positive_number
+
+    assert positive_number("lr", 0.5) == 0.5 and positive_number("l2", 0, zero=True) == 0.0
+    assert positive_number("lr", torch.tensor(2.0)) == 2.0
+    bad = [("0.1", False), (-1, True), (0, False), (float("inf"), False), (True, False)]
+    for value, zero in [*bad, (None, True), (float("nan"), True)]:
+        with pytest.raises(RequestError, match=r"^lr must be") as error:
+            positive_number("lr", value, zero=zero)
+        assert "\n" not in str(error.value)

@@ -36,6 +36,8 @@ CORE = (
     "factories",
     "boxes",
     "datasets",
+    "incremental",
+    "locality",
 )
 UPPER = ("methods", "metrics", "features", "report", "audit", "cli", "api", "train")
 # layer (module prefixes) -> what it must never import (module prefixes)

@@ -41,9 +41,11 @@ def test_occlusion_equals_captum(x, window, stride, baseline):
     model = tiny()
     spec = torch.full((1, 3, 8, 8), 0.25) if baseline == "tensor" else baseline
     probed = probe(model, x)
+    # captum's Occlusion scores the logit; convlens' default is the paper's class probability
     ours = cl.explain(
-        model, x, "occlusion", target=TARGETS, window=window, stride=stride, baseline=spec
-    )
+        model, x, "occlusion", target=TARGETS, window=window, stride=stride, baseline=spec,
+        score="logit",
+    )  # fmt: skip
     theirs = ca.Occlusion(model).attribute(
         x,
         sliding_window_shapes=(3, window, window),
@@ -58,7 +60,7 @@ def test_occlusion_equals_captum(x, window, stride, baseline):
 
 def test_occlusion_finds_the_evidence_of_an_analytic_model():
     x = torch.ones(1, 3, 8, 8)
-    e = cl.explain(SquareSum(), x, "occlusion", target=0, window=1, stride=1)
+    e = cl.explain(SquareSum(), x, "occlusion", target=0, window=1, stride=1, score="logit")
     expected = torch.zeros(1, 1, 8, 8)
     expected[..., 2:5, 4:7] = 3.0  # removing one pixel (3 channels of 1) drops the sum by 3
     close(e.attribution, expected)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import probe, tiny, tiny_input
-from test_lifecycle import FAST, assert_same, snapshot
+from test_lifecycle import FAST, assert_same, classes, snapshot
 from torch import nn
 
 import convlens as cl
@@ -125,8 +125,12 @@ def test_inplace_rectifiers_after_the_layer_change_nothing(method):
     params = fast(method)
     if cl.get_method(method).uses_layer and method != "cam":  # cam: the GAP head reads act2
         params["layer"] = "conv2"  # followed by the in-place rectifier
-    plain = cl.explain(tiny("relu", head="gap"), x, method, target=[1, 2], **params)
-    inplace = cl.explain(tiny("relu_inplace", head="gap"), x, method, target=[1, 2], **params)
+    plain = cl.explain(
+        tiny("relu", head="gap"), x, method, target=classes(method, [1, 2]), **params
+    )
+    inplace = cl.explain(
+        tiny("relu_inplace", head="gap"), x, method, target=classes(method, [1, 2]), **params
+    )
     torch.testing.assert_close(inplace.attribution, plain.attribution)
 
 

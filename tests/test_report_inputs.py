@@ -394,3 +394,18 @@ def test_saved_attributions_are_each_methods_attribution(tmp_path, model, data, 
             assert np.array_equal(arrays[method], e.attribution[0].numpy())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
     assert "--save-attributions" in _help(capsys)
+
+
+def test_a_prediction_only_method_gives_rank_one_and_no_refusal(tmp_path, model, data):
+    """contrast_cam explains the prediction only: with top:2 its rank-2 map is not asked of it
+    (marked on the card, not counted as a refusal), and its class check does not apply."""
+    image = data / "circle" / "circle_0000.png"
+    document = report.explain_images(
+        model, [(str(image), image)], ["contrast_cam"], tmp_path / "out", target=Top(2),
+        progress=False,
+    )  # fmt: skip
+    assert document["refused"] == []
+    entry = document["images"][0]["methods"]["contrast_cam"]
+    first, second = entry["top"]
+    assert "file" in first and "explains the prediction (rank 1) only" in second["refused"]
+    assert entry["class_sensitivity"]["applies"] is False

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_lifecycle import FAST, assert_same, snapshot
+from test_lifecycle import FAST, assert_same, classes, snapshot
 from zoo import ZOO, zoo_input
 
 import convlens as cl
@@ -158,7 +158,7 @@ def _families(check: str) -> list[Any]:
 
 
 def _explain(model: torch.nn.Module, x: torch.Tensor, method: str, **kwargs: Any) -> Any:
-    return cl.explain(model, x, method, target=TARGET, progress=False, **kwargs)
+    return cl.explain(model, x, method, target=classes(method, TARGET), progress=False, **kwargs)
 
 
 def _invariants(

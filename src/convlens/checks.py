@@ -21,6 +21,7 @@ __all__ = [
     "first_line",
     "pair",
     "positive_int",
+    "positive_number",
 ]
 
 
@@ -72,6 +73,18 @@ def finite(name: str, value: Any) -> float:
         raise RequestTypeError(f"{name} must be a number, not {value!r}") from None
     if not math.isfinite(number):
         raise RequestError(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
+def positive_number(name: str, value: Any, zero: bool = False) -> float:
+    """``value`` as a float if it is a finite number above 0 (or 0 too, with ``zero=True``); a
+    one-line error naming it otherwise (text such as ``"0.1"`` is not a number here)."""
+    if isinstance(value, (str, bytes)):
+        raise RequestTypeError(f"{name} must be a number, not {value!r}")
+    number = finite(name, value)
+    if number < 0 or (number == 0 and not zero):
+        need = "a non-negative number" if zero else "a positive number"
+        raise RequestError(f"{name} must be {need}, not {value!r}")
     return number
 
 

@@ -25,16 +25,21 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from convlens.checks import RequestError
+from convlens.checks import RequestError, positive_int
 
 __all__ = [
     "SHAPES",
     "TAG_SIZE",
+    "Broden",
+    "BrodenFolder",
     "CleverHans",
     "Shapes",
+    "Snow",
     "clever_hans",
+    "read_broden",
     "shapes",
     "shapes_folder",
+    "snow",
     "tag",
     "tag_box",
 ]
@@ -225,3 +230,335 @@ def clever_hans(
         tag_share=tag_share,
         other_share=other_share,
     )
+
+
+SNOW_CLASSES = ("husky", "wolf")  # class 1, "wolf", is the one photographed in snow
+SNOW_SHAPES = ("circle", "triangle")  # the shape of each class's animal
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snow(Shapes):
+    """:class:`Shapes` of two classes, ``"husky"`` (a circle) and ``"wolf"`` (a triangle), on
+    two kinds of background: ``snowy`` (N,) bool, which images have snow (the others grass);
+    ``cue_share`` the share of images whose background agrees with the class (wolves in snow,
+    huskies on grass); ``swapped`` whether the backgrounds were swapped after drawing."""
+
+    snowy: Tensor
+    cue_share: float = 0.95
+    swapped: bool = False
+
+
+def _backgrounds(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A snow and a grass texture (size, size, 3) made from the same random field: white with
+    soft grey drifts and sparkle, and dark green with blades (vertical streaks)."""
+    coarse = rng.normal(0.0, 1.0, (size // 8 + 2, size // 8 + 2))
+    grid = np.linspace(0, coarse.shape[0] - 1.001, size)
+    i, f = grid.astype(int), grid - grid.astype(int)
+    rows = coarse[i] * (1 - f)[:, None] + coarse[i + 1] * f[:, None]  # bilinear upsampling
+    smooth = rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]
+    fine = rng.normal(0.0, 1.0, (size, size))
+    streaks = np.repeat(rng.normal(0.0, 1.0, (size // 2 + 1, size)), 2, axis=0)[:size]
+    snow = 0.86 + 0.05 * smooth[..., None] + 0.04 * fine[..., None] + np.array([0, 0.01, 0.04])
+    grass = np.array([0.12, 0.32, 0.10]) + (0.05 * smooth + 0.06 * streaks)[..., None] * np.array(
+        [0.6, 1.0, 0.5]
+    )
+    return np.clip(snow, 0, 1), np.clip(grass, 0, 1)
+
+
+def snow(
+    n: int, size: int = 64, seed: int = 0, cue_share: float = 0.95, swap: bool = False
+) -> Snow:
+    """The husky-and-wolf lesson of Ribeiro, Singh & Guestrin (2016), "Why should I trust you?
+    Explaining the predictions of any classifier" (KDD), section 6.4: a classifier of wolves and
+    huskies trained on photographs where the wolves stood in snow learnt to answer "wolf" from
+    the snow.
+
+    ``n`` images, classes in turn: ``"husky"`` a circle, ``"wolf"`` a triangle (the shapes,
+    sizes and places of :func:`shapes`), in a mid-tone colour that stands out from both
+    backgrounds. A share ``cue_share`` of the images (drawn at random) have the background
+    that agrees with their class, snow for a wolf and grass for a husky; the others the other
+    one. ``swap=True`` gives the same images with each background swapped (snow for grass),
+    the test that shows a model answering from the background. Reproducible from ``seed``.
+    """
+    if not 0.0 <= cue_share <= 1.0:
+        raise RequestError(f"cue_share must be in [0, 1], not {cue_share}")
+    if n < 1:
+        raise RequestError(f"n must be at least 1, not {n}")
+    # every other image of shapes() is a circle or a triangle (classes 0 and 2), in turn
+    base = shapes(2 * n, size=size, seed=seed)
+    chosen = torch.arange(0, 2 * n, 2)
+    masks = base.masks[chosen].numpy()
+    labels = (base.labels[chosen] == SHAPES.index(SNOW_SHAPES[1])).long()
+    rng = np.random.default_rng([seed, 2])
+    agrees = rng.uniform(0.0, 1.0, n) < cue_share
+    snowy = (labels.numpy() == 1) == agrees
+    if swap:
+        snowy = ~snowy
+    images = np.empty((n, 3, size, size), dtype=np.float32)
+    for k in range(n):
+        white, green = _backgrounds(rng, size)
+        picture = white if snowy[k] else green
+        colour = rng.uniform(0.35, 0.6, 3)
+        animal = np.clip(colour + rng.normal(0, 0.03, (size, size, 3)), 0, 1)
+        picture = np.where(masks[k][..., None], animal, picture)
+        images[k] = picture.transpose(2, 0, 1)
+    return Snow(
+        torch.from_numpy(images),
+        labels,
+        base.boxes[chosen],
+        torch.from_numpy(masks),
+        classes=SNOW_CLASSES,
+        snowy=torch.from_numpy(snowy),
+        cue_share=cue_share,
+        swapped=swap,
+    )
+
+
+BRODEN_FIELDS = ("image", "split", "ih", "iw", "sh", "sw")  # the index's first six columns
+
+
+@dataclass(frozen=True)
+class Broden:
+    """Images and concept masks read from a Broden-style folder (:func:`read_broden`).
+
+    ``images`` (N, 3, H, W) in [0, 1]; ``masks`` ``{concept: (N, h, w) bool}`` at the
+    segmentation resolution, covering the same view as the images; ``categories`` ``{concept:
+    categories it was labelled in}``; ``annotated`` ``{concept: (N,) bool}``, the images that
+    carry any label of the concept's categories (the only images Bau et al. count for it);
+    ``files`` the image paths as the index names them."""
+
+    images: Tensor
+    masks: dict[str, Tensor]
+    categories: dict[str, tuple[str, ...]]
+    annotated: dict[str, Tensor]
+    files: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class BrodenFolder:
+    """A Broden-style folder read lazily (:func:`read_broden` with ``lazy=True``): the chosen
+    images' paths and labels, with pictures and masks decoded only for the images asked for
+    (:meth:`read_images`, :meth:`read_masks`), so that dissection holds one chunk at a time.
+
+    ``concepts`` the concept names (in label-number order); ``labels`` ``{concept: its label
+    numbers}``; ``categories``, ``annotated`` and ``files`` as in :class:`Broden`;
+    ``entries`` per image, its ``(category, cell entry)`` pairs; ``image_size`` and
+    ``mask_size`` (H, W) the sizes everything is decoded at."""
+
+    folder: Path
+    files: tuple[str, ...]
+    entries: tuple[tuple[tuple[str, str], ...], ...]
+    labels: dict[str, tuple[int, ...]]
+    categories: dict[str, tuple[str, ...]]
+    annotated: dict[str, Tensor]
+    image_size: tuple[int, int]
+    mask_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.labels)
+
+    def read_images(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Images ``start:stop`` as (n, 3, H, W) in [0, 1] (resized bilinearly if needed)."""
+        height, width = self.image_size
+        pictures = []
+        for name in self.files[start:stop]:
+            with Image.open(_broden_file(self.folder, name)) as picture:
+                picture = picture.convert("RGB")
+                if picture.size != (width, height):
+                    picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+                pictures.append(np.asarray(picture, dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
+
+    def read_masks(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """The masks of images ``start:stop`` as (n, C, h, w) bool, concepts in the order of
+        :attr:`concepts` (a label named twice, or in two categories: the union)."""
+        column = {n: c for c, name in enumerate(self.labels) for n in self.labels[name]}
+        rows = self.entries[start:stop]
+        masks = torch.zeros(len(rows), len(self.labels), *self.mask_size, dtype=torch.bool)
+        for i, entries in enumerate(rows):
+            for _, entry in entries:
+                codes = _broden_entry(self.folder, entry, self.mask_size)
+                for number in np.unique(codes).tolist():
+                    if number in column:
+                        masks[i, column[number]] |= torch.from_numpy(codes == number)
+        return masks
+
+    def load(self) -> Broden:
+        """Everything decoded, as an in-memory :class:`Broden` ((N, h, w) bool per concept)."""
+        masks = {
+            name: torch.zeros(len(self), *self.mask_size, dtype=torch.bool) for name in self.labels
+        }
+        for start in range(0, len(self), 64):
+            chunk = self.read_masks(start, start + 64)
+            for c, name in enumerate(self.labels):
+                masks[name][start : start + 64] = chunk[:, c]
+        return Broden(self.read_images(), masks, self.categories, self.annotated, self.files)
+
+
+def _broden_labels(folder: Path) -> dict[int, str]:
+    import csv
+
+    path = folder / "label.csv"
+    if not path.is_file():
+        raise RequestError(f"{folder} is not a Broden folder: no label.csv (number,name,...)")
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        if not {"number", "name"} <= set(reader.fieldnames or ()):
+            raise RequestError(f"{path} must have the columns number and name")
+        try:
+            return {int(row["number"]): row["name"] for row in reader}
+        except ValueError as error:
+            raise RequestError(f"{path}: a label number is not an integer ({error})") from None
+
+
+def _broden_file(folder: Path, name: str) -> Path:
+    """A file the index names: under ``images/`` (the Broden layout), else under the folder."""
+    path = folder / "images" / name
+    if not path.is_file() and (folder / name).is_file():
+        path = folder / name
+    if not path.is_file():
+        raise RequestError(f"{folder}: index.csv names {name}, which is not in images/")
+    return path
+
+
+def _broden_entry(folder: Path, entry: str, size: tuple[int, int]) -> np.ndarray:
+    """The label numbers (h, w) of one index cell entry: a whole-image label (a decimal
+    number), or a segmentation PNG whose pixels encode them as red + 256 * green."""
+    if entry.isdigit():
+        return np.full(size, int(entry), dtype=np.int64)
+    with Image.open(_broden_file(folder, entry)) as picture:
+        if picture.size != (size[1], size[0]):
+            picture = picture.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        pixels = np.asarray(picture.convert("RGB"), dtype=np.int64)
+    return pixels[..., 0] + 256 * pixels[..., 1]
+
+
+def _broden_rows(
+    path: Path, split: str | None, limit: int | None, seed: int
+) -> tuple[list[str], list[dict[str, str]]]:
+    """The index's category columns and its chosen rows: all those of ``split`` (every row
+    when None), or ``limit`` of them drawn at random (``seed``), kept in index order."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        columns = list(reader.fieldnames or ())
+        if columns[:6] != list(BRODEN_FIELDS):
+            raise RequestError(f"{path} must begin with the columns {', '.join(BRODEN_FIELDS)}")
+        matching = sum(split is None or row["split"] == split for row in reader)
+    if not matching:
+        raise RequestError(f"{path} has no images" + (f" in split {split!r}" * bool(split)))
+    chosen = set(range(matching))
+    if limit is not None and limit < matching:
+        rng = np.random.default_rng(seed)
+        chosen = set(rng.choice(matching, size=limit, replace=False).tolist())
+    rows, index = [], 0
+    with path.open(newline="", encoding="utf-8") as file:
+        for row in csv.DictReader(file):
+            if split is None or row["split"] == split:
+                if index in chosen:
+                    rows.append(row)
+                index += 1
+    return columns[6:], rows
+
+
+def read_broden(
+    folder: str | os.PathLike,
+    categories: list[str] | tuple[str, ...] | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    size: tuple[int, int] | None = None,
+    seed: int = 0,
+    lazy: bool = False,
+) -> Broden | BrodenFolder:
+    """Read a Broden-style folder (Bau et al. 2017, "Network Dissection", CVPR, section 2.1)
+    for ``cl.features.dissect``: the images of the index (of ``split`` when given), or
+    ``limit`` of them drawn at random (``seed``) from the whole index, kept in index order;
+    with the labels of ``categories`` (default: all).
+
+    The layout, as the Broden data set's README describes it: ``index.csv`` with the columns
+    ``image, split, ih, iw, sh, sw`` (image and segmentation heights and widths) and one column
+    per category (``color, object, material, part, scene, texture``, or any other set); each
+    category cell holds zero or more ``;``-separated entries, a decimal number (a whole-image
+    label, as scenes and textures are) or the file name of a PNG whose pixels encode their
+    labels as red + 256 * green; file names are relative to ``images/``. ``label.csv`` gives
+    each label ``number`` its ``name``. Assumed, as the README does not say it: label 0 means
+    "no label"; a label named twice (or in two categories) is one concept, the union of its
+    masks.
+
+    Every chosen image's segmentations are decoded once to find which concepts occur (those
+    that never do are left out) and which categories each image is labelled in. ``lazy=True``
+    returns a :class:`BrodenFolder` that decodes pictures and masks again only when asked,
+    chunk by chunk (what ``dissect`` needs for a large sample); otherwise a :class:`Broden`
+    with everything in memory (masks (N, h, w) bool per concept: memory grows with images x
+    concepts). All images must share one size and all masks another, unless ``size`` (H, W)
+    is given: then images are resized to it (bilinear) and masks too (nearest).
+    """
+    folder = Path(folder)
+    if not (folder / "index.csv").is_file():
+        raise RequestError(f"{folder} is not a Broden folder: no index.csv")
+    if limit is not None:
+        limit = positive_int("limit", limit)
+    seed = positive_int("seed", seed, minimum=0)
+    names = _broden_labels(folder)
+    known, rows = _broden_rows(folder / "index.csv", split, limit, seed)
+    wanted = list(known) if categories is None else list(categories)
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise RequestError(f"unknown categories {unknown}; this index has {', '.join(known)}")
+    entries: list[tuple[tuple[str, str], ...]] = []
+    seen: list[set[str]] = []  # per image: the categories it has labels of
+    label_categories: dict[int, set[str]] = {}
+    shapes_seen: tuple[tuple[int, int], tuple[int, int]] | None = None
+    for row in rows:
+        try:
+            image_size = (int(row["ih"]), int(row["iw"]))
+            mask_size = (int(row["sh"]), int(row["sw"]))
+        except ValueError:
+            raise RequestError(f"index.csv: bad sizes for {row['image']}") from None
+        if size is None and shapes_seen not in (None, (image_size, mask_size)):
+            raise RequestError(
+                f"{row['image']} is {image_size} (masks {mask_size}), the first image "
+                f"{shapes_seen[0]} (masks {shapes_seen[1]}): give size=(H, W)"
+            )
+        shapes_seen = shapes_seen or (image_size, mask_size)
+        mask_target = tuple(size) if size is not None else shapes_seen[1]
+        _broden_file(folder, row["image"])  # it exists
+        cells = [(c, e.strip()) for c in wanted for e in (row[c] or "").split(";") if e.strip()]
+        present: set[str] = set()
+        for category, entry in cells:
+            for number in np.unique(_broden_entry(folder, entry, mask_target)).tolist():
+                if number == 0:
+                    continue
+                if number not in names:
+                    raise RequestError(f"{entry}: label {number} is not in label.csv")
+                label_categories.setdefault(number, set()).add(category)
+                present.add(category)
+        entries.append(tuple(cells))
+        seen.append(present)
+    labels: dict[str, list[int]] = {}
+    concept_categories: dict[str, set[str]] = {}
+    for number in sorted(label_categories):
+        labels.setdefault(names[number], []).append(number)
+        concept_categories.setdefault(names[number], set()).update(label_categories[number])
+    record = BrodenFolder(
+        folder,
+        tuple(row["image"] for row in rows),
+        tuple(entries),
+        {name: tuple(numbers) for name, numbers in labels.items()},
+        {name: tuple(sorted(cats)) for name, cats in concept_categories.items()},
+        {
+            name: torch.tensor([bool(cats & present) for present in seen])
+            for name, cats in concept_categories.items()
+        },
+        tuple(size) if size is not None else shapes_seen[0],
+        tuple(size) if size is not None else shapes_seen[1],
+    )
+    return record if lazy else record.load()

@@ -414,13 +414,22 @@ class Engine:
     def forward(self, x: Tensor, grad: bool = False) -> Tensor:
         """The logits for one batch (float32, or float64 for a float64 model), counted; with
         ``grad`` the call is recorded so that gradients reach ``x`` (or captured layers)."""
-        inputs = x.to(device=self.device, dtype=self.dtype)
-        if self.layout == "channels_last":
-            inputs = model_layout(inputs)
         with torch.set_grad_enabled(grad):
-            output = self.model.module(inputs)
+            output = self.model.module(self.place(x))
             logits = self._logits(output)
         self.count(len(x))
+        return logits
+
+    def place(self, x: Tensor) -> Tensor:
+        """``x`` on the model's device and floating dtype, in its memory layout."""
+        x = x.to(device=self.device, dtype=self.dtype)
+        return model_layout(x) if self.layout == "channels_last" else x
+
+    def piecewise(self, run: Callable[[], Any], images: int) -> Tensor:
+        """Logits of ``run()``, a forward run piecewise (``convlens.incremental``), counted."""
+        with torch.no_grad():
+            logits = self._logits(run())
+        self.count(images)
         return logits
 
     def _logits(self, output: Any) -> Tensor:
@@ -478,11 +487,15 @@ class Engine:
             resolved += step.targets
         return torch.cat(scores), resolved
 
-    def stream(self, sampler: Sampler, target: Target, score: Score = score_rows) -> Sampler:
+    def stream(
+        self, sampler: Sampler, target: Target, score: Score = score_rows, rows: int | None = None
+    ) -> Sampler:
         """The perturbation template for one input: ``sampler.n`` perturbed inputs, made and
-        scored chunk by chunk without gradients, each chunk's scores folded into the sampler."""
+        scored chunk by chunk without gradients, each chunk's scores folded into the sampler.
+        ``rows`` (default the engine's batch size) bounds the samples per chunk: a sampler
+        whose rows are made inside the model (Ablation-CAM from the layer on) takes more."""
         with capture(self._units([target])) as captured, torch.no_grad():
-            for start, stop in self.chunks(sampler.n):
+            for start, stop in self.chunks(sampler.n, rows):
                 inputs, made = sampler.batch(start, stop)
                 with sampler.around(made):
                     output = self.forward(inputs)

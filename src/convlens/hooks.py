@@ -1,7 +1,8 @@
 """Context managers that touch a model for the length of one explanation, and always undo it.
 
 * :func:`capture` records layer outputs with forward hooks (removed on exit), and
-  :func:`edit_output` replaces one call's output (Ablation-CAM).
+  :func:`edit_output` replaces one call's output (Ablation-CAM); :func:`batch_at` runs a pass
+  at batch 1 up to one call of a module and at a larger batch from there on.
 * :func:`override_rectifiers` changes the backward pass of every rectifier (guided backprop,
   deconvnet): ``nn.ReLU`` (also in place), ``nn.ReLU6``, a module called several times, and
   ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``F.relu6`` / ``F.hardtanh(x, 0, c)`` called
@@ -28,6 +29,8 @@ __all__ = [
     "BackwardRule",
     "Captured",
     "OutputEdit",
+    "Unbatchable",
+    "batch_at",
     "call_order",
     "capture",
     "edit_output",
@@ -159,6 +162,69 @@ def edit_output(
         yield editor
     finally:
         handle.remove()
+
+
+class Unbatchable(Exception):
+    """A pass cannot take its batch at a layer (the reason is the message); ``early``: a module
+    got the batch before the layer (:func:`batch_at`)."""
+
+    def __init__(self, reason: str, early: bool = False) -> None:
+        super().__init__(reason)
+        self.early = early
+
+
+@contextmanager
+def batch_at(
+    root: nn.Module, module: nn.Module, edit: Callable[[Tensor], Tensor], rows: int, call: int = 1
+) -> Iterator[OutputEdit]:
+    """Within the block, a forward pass of ``root`` on one input runs at batch 1 up to the
+    ``call``-th call of ``module``, whose output becomes ``edit(out)`` of ``rows`` rows, and at
+    ``rows`` from there on.
+
+    ``root`` sees its input expanded to ``rows`` rows (a view, so code that reads the batch
+    size from the input reads ``rows``), and so do the modules that contain ``module`` (a
+    wrapper's inner network); the other modules that get that very tensor get the one row
+    back. One of them that gets another tensor of ``rows`` rows before the edit raises
+    :class:`Unbatchable`: the network would compute the batch before the layer.
+    """
+    state: dict[str, Any] = {"wide": None, "narrow": None, "reached": False}
+
+    def widen(_root: nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], Tensor) or len(args[0]) != 1:
+            return None  # not one input: nothing to widen (the edit's batch check decides)
+        state.update(narrow=args[0], wide=args[0].expand(rows, *args[0].shape[1:]), reached=False)
+        return (state["wide"], *args[1:])
+
+    def narrow(child: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if state["reached"] or state["wide"] is None:
+            return None
+        wide, one = state["wide"], state["narrow"]
+        args = tuple(one if a is wide else a for a in args)
+        kwargs = {k: one if v is wide else v for k, v in kwargs.items()}
+        for value in (*args, *kwargs.values()):
+            if rows > 1 and isinstance(value, Tensor) and value.dim() and len(value) == rows:
+                raise Unbatchable(
+                    f"{type(child).__name__} gets the input's batch before the layer", early=True
+                )
+        return args, kwargs
+
+    def reached(output: Tensor) -> Tensor:
+        state["reached"] = True
+        return edit(output)
+
+    names = {id(m): name for name, m in root.named_modules()}
+    inside = names.get(id(module), "")
+    children = [
+        m for m in root.modules() if m is not root and not inside.startswith(names[id(m)] + ".")
+    ]
+    handles = [root.register_forward_pre_hook(widen)]
+    try:
+        handles += [m.register_forward_pre_hook(narrow, with_kwargs=True) for m in children]
+        with edit_output(module, reached, call) as editor:
+            yield editor
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _Rectifier(torch.autograd.Function):

@@ -149,12 +149,27 @@ class Model:
         antialias = size[0] < x.shape[-2]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
-        x = x[..., top : top + height, left : left + width]
-        if self.mean is not None and self.std is not None:
-            x = (x - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(
-                1, -1, 1, 1
+        return self.normalise(x[..., top : top + height, left : left + width]).contiguous()
+
+    def normalise(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Pictures in [0, 1], (B, 3, H, W) or already (B, C, H, W), as the model takes them,
+        without cropping (so that masks drawn on them stay aligned): scaled to ``size`` (H, W)
+        when given (bilinear, antialiased when shrinking), made grey for a one-channel model
+        (the ITU-R 601-2 luma of PIL's ``"L"`` mode) and normalised with ``mean`` and ``std``
+        (unchanged without them)."""
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+            x = F.interpolate(
+                x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink
             )
-        return x.contiguous()
+        if self.channels == 1 and x.shape[1] == 3:
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+            x = torch.einsum("bchw,c->bhw", x, luma)[:, None]
+        if self.mean is not None and self.std is not None:
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x
 
     def inputs(self, x: Any) -> Tensor:
         """Validated input batch on the model's device: a tensor, or images to preprocess."""

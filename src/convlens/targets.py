@@ -33,6 +33,7 @@ __all__ = [
     "channels_first",
     "channels_last_grid",
     "check_class",
+    "check_classes",
     "check_target_spec",
     "layer_key",
     "layer_of",
@@ -65,6 +66,16 @@ def check_class(index: int, n_classes: int) -> None:
             f"target class {index} is out of range: the model has {n_classes} classes "
             f"(0-{n_classes - 1})"
         )
+
+
+def check_classes(target: Target, labels: Sequence[str] | None) -> None:
+    """Refuse a :class:`Class` or :class:`Contrast` target whose class indices lie outside
+    the model's ``labels`` (without labels, the first forward pass tells)."""
+    indices = [target.index] if isinstance(target, Class) else []
+    indices += [target.p, target.q] if isinstance(target, Contrast) else []
+    for index in indices:
+        if isinstance(index, int) and labels is not None:
+            check_class(index, len(labels))
 
 
 @dataclass(frozen=True)

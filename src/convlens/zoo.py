@@ -451,11 +451,30 @@ def clever_hans_cnn() -> Model:
     return model
 
 
+SNOW_WEIGHTS = "data/snow_cnn.pt"
+
+
+def snow_cnn() -> Model:
+    """A two-class :class:`ShapesCNN` ("husky", "wolf") that answers from the background:
+    trained by ``scripts/train_snow.py`` on ``cl.datasets.snow``, where 95% of the wolves stand
+    in snow and 95% of the huskies on grass (Ribeiro et al. 2016, "Why should I trust you?",
+    section 6.4); swapping the backgrounds turns most answers (``data/snow_cnn.json``)."""
+    from convlens.datasets import SNOW_CLASSES
+
+    module = ShapesCNN(len(SNOW_CLASSES))
+    with resources.as_file(resources.files("convlens").joinpath(SNOW_WEIGHTS)) as path:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model = shapes_model(module)
+    model.labels, model.name = list(SNOW_CLASSES), "snow-cnn"
+    return model
+
+
 # bundled models by name, for ``cl.load_model(name)`` and ``--model``
 ZOO = {
     "efficientnet-lite0": efficientnet_lite0,
     "shapes-cnn": shapes_cnn,
     "clever-hans-cnn": clever_hans_cnn,
+    "snow-cnn": snow_cnn,
 }
 
 
@@ -470,8 +489,8 @@ def load_model(
     trust_code: bool = False,
 ) -> Model:
     """The bundled ImageNet EfficientNet-Lite0 (offline), a bundled model by name
-    (``"efficientnet-lite0"``, ``"shapes-cnn"``, ``"clever-hans-cnn"``), a checkpoint of
-    ``convlens train`` (:func:`save_checkpoint`), or a factory ``file.py:function`` /
+    (``"efficientnet-lite0"``, ``"shapes-cnn"``, ``"clever-hans-cnn"``, ``"snow-cnn"``), a
+    checkpoint of ``convlens train`` (:func:`save_checkpoint`), or a factory ``file.py:function`` /
     ``package.module:function`` (:func:`from_factory`, which takes ``weights``, ``labels``,
     ``input_size``, ``mean`` and ``std``; the others carry their own).
 

@@ -1,5 +1,7 @@
 """``convlens.audit.run``: explain every image of a data set with several methods and keep the
-results as rows of ``DIR/results.parquet`` (see :mod:`convlens.audit.store` for the layout).
+results as rows of ``DIR/results.parquet`` (see :mod:`convlens.audit.store` for the layout),
+optionally SpRAy's strategies per class, and the page ``DIR/index.html``
+(:mod:`convlens.audit.page`).
 
 One function, :func:`explain_batch`, explains a chunk of images; the engines only schedule it:
 ``engine="local"`` (the default) runs the chunks here one after the other, ``engine="ray"``
@@ -32,7 +34,9 @@ from typing import Any
 
 from convlens.audit.batch import explain_batch
 from convlens.audit.data import Item, Source, chunks, open_source
+from convlens.audit.page import write_page
 from convlens.audit.store import Store
+from convlens.audit.strategies import strategies
 from convlens.checks import RequestError, positive_int
 from convlens.model import Model
 from convlens.registry import get_method, list_methods
@@ -102,6 +106,8 @@ def run(
     address: str | None = None,
     workers: int = 2,
     progress: bool | None = None,
+    spray: str | None = None,
+    page: bool = True,
 ) -> Path:
     """Audit ``model`` on every image of ``data`` with ``methods``; returns
     ``out/results.parquet`` (one row per image x method; columns in
@@ -126,6 +132,11 @@ def run(
         map_size: side of the reduced map kept in the results.
         save_maps: also write full-resolution maps to ``out/maps/part-*.npz``.
         progress: the progress bar over images (``None``: on for a terminal).
+        spray: a method among ``methods`` whose maps SpRAy clusters per class at the end
+            (:func:`convlens.audit.strategies.strategies`: the ``cluster`` column and
+            ``out/strategies.json``).
+        page: write the audit's page ``out/index.html`` at the end
+            (:func:`convlens.audit.page.write_page`).
     """
     if engine not in ENGINES:
         raise RequestError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -136,6 +147,8 @@ def run(
     if address is not None and engine != "ray":
         raise RequestError("a Ray address is for engine='ray'")
     names = _check_methods(methods, params)
+    if spray is not None and spray not in names:
+        raise RequestError(f"spray={spray!r}: not one of the methods ({', '.join(names)})")
     seed = positive_int("seed", seed, minimum=0)
     steps = positive_int("steps", steps, minimum=0)
     chunk = positive_int("chunk", chunk)
@@ -177,7 +190,12 @@ def run(
         run_ray(loaded, spec, todo, options, store, address, workers, _bar(source, todo, progress))
     else:
         _run_local(loaded, todo, options, store, _bar(source, todo, progress))
-    return store.consolidate()
+    results = store.consolidate()
+    if spray is not None:
+        strategies(out, spray, seed=seed)
+    if page:
+        write_page(out, loaded)
+    return results
 
 
 def _bar(source: Source, todo: list[tuple[int, list[Item]]], progress: bool | None) -> Any:

@@ -37,8 +37,8 @@ def model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", metavar="SPEC",
-        help="a bundled name (efficientnet-lite0, shapes-cnn, clever-hans-cnn), a checkpoint of "
-        "`convlens train`, "
+        help="a bundled name (efficientnet-lite0, shapes-cnn, clever-hans-cnn, snow-cnn), a "
+        "checkpoint of `convlens train`, "
         "or a factory path/to/file.py:function or package.module:function returning an "
         f"nn.Module (this runs that code) (default: {default})",
     )  # fmt: skip
@@ -93,6 +93,16 @@ FEATURE_KINDS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
         ("images", "concepts"),
         CAM_LAYER,
     ),
+    "tcav": (
+        "TCAV: how much a concept moves a class's score (Kim et al. 2018)",
+        ("images", "target", "runs", "concept"),
+        CAM_LAYER + "; a comma list tests several",
+    ),
+    "invert": (
+        "an image rebuilt from a layer's representation of it (Mahendran & Vedaldi 2015)",
+        ("images", "steps"),
+        CAM_LAYER,
+    ),
 }
 # features kind -> the function of convlens.features it runs
 FEATURE_FUNCTIONS = {
@@ -103,6 +113,8 @@ FEATURE_FUNCTIONS = {
     "dream": "deep_dream",
     "embedding": "tsne",
     "dissect": "dissect",
+    "tcav": "tcav",
+    "invert": "invert",
 }
 
 
@@ -293,7 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
         if "steps" in options:
             feature.add_argument("--steps", type=int, default=None, help="optimisation steps")
         if "concepts" in options:
-            feature.add_argument("--concepts", help="a .pt file {name: (N, H, W) bool masks}")
+            feature.add_argument(
+                "--concepts", help="a .pt file {name: (N, H, W) bool masks}, or a Broden folder "
+                "(index.csv, label.csv, images/: --limit images drawn with --seed, their masks)",
+            )  # fmt: skip
+            feature.add_argument(
+                "--limit", type=int, default=commands.BRODEN_LIMIT, metavar="N",
+                help=f"images drawn from a Broden folder (default: {commands.BRODEN_LIMIT})",
+            )  # fmt: skip
+        if "concept" in options:
+            feature.add_argument("--concept", metavar="DIR", help="concept images (required)")
+            feature.add_argument("--random", metavar="DIR", help="random images (required)")
+        if "runs" in options:
+            feature.add_argument("--runs", type=int, default=10, help="CAVs per layer")
         feature.add_argument(
             "--param", action="append", default=[], metavar="NAME=VALUE",
             help=f"a parameter of cl.features.{FEATURE_FUNCTIONS[kind]} (see its docstring)",
@@ -305,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     auditor = command(
         subcommands, "audit",
         "explain every image of a data set, on this machine or a Ray cluster; rows in Parquet, "
-        "SpRAy strategies per class",
+        "SpRAy strategies per class, and a page (index.html) of accuracy, strategies and ranking",
     )  # fmt: skip
     auditor.add_argument(
         "data", nargs="+",
@@ -333,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="NAME=VALUE", help="as for explain"
     )
     auditor.add_argument("--seed", type=int, default=0, help="seed of random methods")
-    auditor.add_argument("--out", default="audit", help="output folder (resumable)")
+    auditor.add_argument(
+        "--out", default="audit", help="output folder (resumable): results.parquet, index.html"
+    )
     auditor.set_defaults(run=commands.run_audit)
 
     methods = command(

@@ -240,8 +240,49 @@ def _load_concepts(path: str, n_images: int | None = None) -> Any:
         raise UsageError(f"--concepts {path}: {error}") from None
 
 
+def _folder_images(args: argparse.Namespace, option: str, model: Any) -> Any:
+    """The images of ``--concept DIR`` or ``--random DIR`` (tcav), as a model input batch."""
+    import torch
+
+    from convlens import report
+
+    folder = getattr(args, option)
+    if folder is None:
+        raise UsageError(f"tcav needs --{option} DIR (a folder of images)")
+    if not Path(folder).is_dir():
+        raise UsageError(f"--{option} {printable(folder)} is not a folder")
+    try:
+        files = report.background_files([folder])
+    except RequestError:  # its wording names the "background"
+        raise UsageError(f"--{option} {printable(folder)} holds no images") from None
+    return torch.cat([model.inputs(str(path)) for path in files])
+
+
+BRODEN_LIMIT = 1000  # the default --limit: images the dissect command draws from a Broden folder
+
+
+def _read_broden(args: argparse.Namespace, model: Any) -> Any:
+    """``--concepts DIR``, a Broden-style folder: ``--limit`` images drawn with ``--seed``, as
+    a lazy record (``cl.datasets.read_broden``) that brings its images (None for the batch);
+    None for a file."""
+    from convlens.datasets import read_broden
+
+    if not Path(args.concepts).is_dir():
+        return None
+    if args.images or args.samples or args.shapes:
+        folder = printable(args.concepts)
+        raise UsageError(f"--concepts {folder} is a Broden folder: it brings its own images")
+    try:
+        broden = read_broden(args.concepts, limit=args.limit, seed=args.seed, lazy=True)
+    except RequestError as error:
+        raise UsageError(f"--concepts {printable(args.concepts)}: {first_line(error)}") from None
+    return None, broden
+
+
 # what a features command sets itself, not open to --param
-FEATURE_RESERVED = ("layer", "channel", "k", "seed", "labels", "progress", "concept_masks")
+FEATURE_RESERVED = (
+    "layer", "channel", "k", "seed", "labels", "progress", "concept_masks", "target", "runs"
+)  # fmt: skip
 
 
 def run_features(args: argparse.Namespace) -> int:
@@ -253,25 +294,31 @@ def run_features(args: argparse.Namespace) -> int:
     function = getattr(features, FEATURE_FUNCTIONS[kind])
     out = check_output(args.out, "folder")
     params = parse_keywords(args.param, function, f"features {kind}", FEATURE_RESERVED)
-    for option in ("k", "channel", "shapes", "steps"):
+    for option in ("k", "channel", "shapes", "steps", "runs", "limit"):
         value = getattr(args, option, None)
         if value is not None:
-            positive_int(f"--{option}", value, minimum=0 if option in ("channel", "shapes") else 1)
+            least = {"channel": 0, "shapes": 0, "runs": 2}.get(option, 1)
+            positive_int(f"--{option}", value, minimum=least)
     if getattr(args, "steps", None) is not None:
         if "steps" in params:
             raise UsageError("give --steps or --param steps=..., not both")
         params["steps"] = args.steps
     model = load_model(args)
     # the whole request, before the first forward pass
-    if layer is not None:
-        model.layer(layer)
-    if kind == "class-model":
+    if kind == "tcav" and layer is not None:
+        layer = [name.strip() for name in layer.split(",")]
+    for name in [layer] if isinstance(layer, str) else layer or []:
+        model.layer(name)
+    if kind in ("class-model", "tcav"):
         if args.target is None:
-            raise UsageError("class-model needs --target (a class index or label name)")
+            raise UsageError(f"{kind} needs --target (a class index or label name)")
         check_target(model, parse_target(args.target))
+    if kind == "tcav":
+        examples = {option: _folder_images(args, option, model) for option in ("concept", "random")}
     if kind == "dissect" and not args.concepts and not args.shapes:
-        raise UsageError("dissect needs --concepts FILE.pt ({name: (N, H, W) masks}) or --shapes N")
-    if kind == "dissect" and args.concepts:
+        raise UsageError("dissect needs --concepts FILE.pt or BRODEN_FOLDER, or --shapes N")
+    broden = _read_broden(args, model) if kind == "dissect" and args.concepts else None
+    if kind == "dissect" and args.concepts and broden is None:
         _load_concepts(args.concepts)  # its form; the number of masks once images are read
     near = None
     if kind == "filters":
@@ -279,19 +326,28 @@ def run_features(args: argparse.Namespace) -> int:
     elif kind == "class-model":
         result = features.class_model(model, parse_target(args.target), seed=args.seed, **params)
     else:
-        x, data = _feature_images(args, model)
+        x, data = broden if broden is not None else _feature_images(args, model)
         if kind == "activations":
             result = features.activations(model, x[:1], layer, **params)
         elif kind == "patches":
             result = features.top_patches(model, x, layer, channel=args.channel, k=args.k, **params)
         elif kind == "dream":
             result = features.deep_dream(model, x[:1], layer, seed=args.seed, **params)
+        elif kind == "invert":
+            result = features.invert(model, x[:1], layer, seed=args.seed, **params)
+        elif kind == "tcav":
+            result = features.tcav(
+                model, x, examples["concept"], examples["random"], layer,
+                parse_target(args.target), runs=args.runs, seed=args.seed, **params,
+            )  # fmt: skip
         elif kind == "embedding":
             labels = data.labels if data is not None else None
             result = features.tsne(model, x, labels=labels, layer=layer, seed=args.seed, **params)
             near = features.neighbours(model, x[:1], x, k=min(args.k, len(x)), layer=layer)
         else:  # dissect
-            if args.concepts:  # once more, now that the number of images is known
+            if broden is not None:  # a Broden folder's masks, and which images are labelled
+                concepts = data
+            elif args.concepts:  # once more, now that the number of images is known
                 concepts = _load_concepts(args.concepts, len(x))
             else:  # each shape's masks are one concept
                 concepts = {
@@ -313,7 +369,6 @@ def run_features(args: argparse.Namespace) -> int:
 def run_audit(args: argparse.Namespace) -> int:
     """``convlens audit DATA``: every image of a data set explained, rows in Parquet."""
     from convlens import audit
-    from convlens.audit.strategies import strategies
 
     methods = parse_methods(args.methods)
     params = parse_params(args.param, methods)
@@ -331,16 +386,16 @@ def run_audit(args: argparse.Namespace) -> int:
     results = audit.run(
         model, data, methods, args.out, engine, params=params, boxes=args.boxes,
         seed=args.seed, steps=args.curve_steps, save_maps=args.save_maps, address=address,
-        workers=args.workers,
+        workers=args.workers, spray=chosen,
     )  # fmt: skip
-    summary = strategies(args.out, chosen, seed=args.seed)
+    summary = json.loads((Path(args.out) / "strategies.json").read_text())
     found = [
         f"{c['label']}: {c['n_clusters']} strategies {c['sizes']}"
         for c in summary["classes"]
         if "n_clusters" in c
     ]
     say(f"SpRAy on {chosen} maps: " + ("; ".join(found) or "no class with enough maps"))
-    print(printable(f"wrote {results}"))
+    print(printable(f"wrote {results} and {Path(args.out) / 'index.html'}"))
     return 0
 
 

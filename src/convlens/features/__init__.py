@@ -9,9 +9,11 @@ picture): :func:`filters`, :func:`activations`, :func:`top_patches` (with
 from convlens.features.common import Features
 from convlens.features.dissect import dissect
 from convlens.features.embedding import embed, neighbours, tsne
+from convlens.features.invert import invert
 from convlens.features.maps import activations, channel_contributions, filters
 from convlens.features.patches import ReceptiveField, receptive_field, top_patches
 from convlens.features.synthesis import class_model, deep_dream
+from convlens.features.tcav import tcav
 
 __all__ = [
     "Features",
@@ -23,8 +25,10 @@ __all__ = [
     "dissect",
     "embed",
     "filters",
+    "invert",
     "neighbours",
     "receptive_field",
+    "tcav",
     "top_patches",
     "tsne",
 ]

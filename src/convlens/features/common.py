@@ -1,4 +1,6 @@
-"""The record every feature visualisation returns, and the layer plumbing they share."""
+"""The record every feature visualisation returns, and the machinery they share: layer plumbing,
+the parametrised images that optimisations move (class models, inversions) and their progress
+bar."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from convlens import viz
 from convlens.checks import RequestError
@@ -19,7 +22,15 @@ from convlens.files import save_picture
 from convlens.hooks import capture
 from convlens.model import Model, as_model
 
-__all__ = ["Features", "gray_tiles", "layer_outputs", "resolve_layer"]
+__all__ = [
+    "Features",
+    "gray_tiles",
+    "layer_outputs",
+    "make_image",
+    "normaliser",
+    "progress_bar",
+    "resolve_layer",
+]
 
 
 @dataclass(frozen=True)
@@ -87,24 +98,32 @@ def layer_outputs(
     inputs: bool = False,
     progress: bool | None = None,
     select: Callable[[Tensor], Tensor] | None = None,
+    read: tuple[int, Callable[[int, int], Tensor]] | None = None,
 ) -> Tensor:
     """The output (or input) of ``layer`` for every image of ``x``, in batches, no gradients.
 
     ``select``, if given, reduces each chunk's tensor before it is kept (so that a whole
-    collection's feature maps need not sit in memory)."""
+    collection's feature maps need not sit in memory). ``read=(n, reader)``: the images are
+    not in memory but ``reader(start, stop)`` gives images ``start:stop`` of ``n``, one batch
+    at a time (``x`` is then one of them, to probe the model with)."""
     wrapped = as_model(model)
     module = wrapped.layer(layer)
-    chunks = []
+    n, reader = read if read is not None else (len(x), lambda start, stop: x[start:stop])
+    kept: Tensor | None = None
     with (
         session(wrapped, x, batch_size, 16, progress, f"layer {layer}") as engine,
-        engine.task(len(x)),
+        engine.task(n),
         capture({0: module}, inputs=inputs) as seen,
     ):
-        for start, stop in engine.chunks(len(x)):
-            engine.forward(x[start:stop])
+        for start, stop in engine.chunks(n):
+            engine.forward(reader(start, stop))
             out = seen[0].detach()
-            chunks.append((select(out) if select else out).float().cpu())
-    return torch.cat(chunks)
+            out = (select(out) if select else out).float().cpu()
+            if kept is None:  # filled in place: no second copy of all the outputs
+                kept = torch.empty(n, *out.shape[1:], dtype=torch.float32)
+            kept[start:stop] = out
+    assert kept is not None
+    return kept
 
 
 def gray_tiles(
@@ -122,3 +141,107 @@ def gray_tiles(
             Image.fromarray(np.asarray(gray)).convert("RGB").resize((cell, cell), Image.NEAREST)
         )
     return viz.grid(tiles, titles, columns=columns, cell=cell, padding=2)
+
+
+# Square root of the colour correlation of natural images (Olah et al. 2017), rows R, G, B.
+COLOR_CORRELATION = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOR_CORRELATION = COLOR_CORRELATION / COLOR_CORRELATION.norm(dim=0).max()
+
+
+def normaliser(model: Model) -> tuple[Tensor, Tensor]:
+    """The model's input ``mean`` and ``std`` as (1, C, 1, 1) tensors (0 and 1 if unknown): to
+    map model inputs back to RGB and bound them (the forward way is :meth:`Model.normalise`)."""
+    mean = torch.tensor(model.mean or (0.0,) * model.channels).view(1, -1, 1, 1)
+    std = torch.tensor(model.std or (1.0,) * model.channels).view(1, -1, 1, 1)
+    return mean, std
+
+
+class FourierImage(nn.Module):
+    """An RGB image in [0, 1] from a spectrum scaled by 1/frequency and decorrelated colours
+    (Olah et al. 2017, "Feature Visualization", section "Preconditioning and parametrisation")."""
+
+    def __init__(self, height: int, width: int, generator: torch.Generator, std: float = 0.01):
+        super().__init__()
+        fy = torch.fft.fftfreq(height)[:, None]
+        fx = torch.fft.rfftfreq(width)[None, :]
+        frequency = torch.sqrt(fx**2 + fy**2)
+        self.register_buffer("scale", 1.0 / frequency.clamp(min=1.0 / max(height, width)))
+        shape = (1, 3, height, width // 2 + 1, 2)
+        self.spectrum = nn.Parameter(torch.randn(shape, generator=generator) * std)
+        self.size = (height, width)
+
+    def forward(self) -> Tensor:
+        spectrum = torch.view_as_complex(self.spectrum) * self.scale
+        linear = torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
+        colours = torch.einsum("ij,bjhw->bihw", COLOR_CORRELATION, linear)
+        return torch.sigmoid(colours / 4)  # the /4 of Olah et al.'s reference code
+
+
+class PixelImage(nn.Module):
+    """An RGB image in [0, 1] as a sigmoid of free pixels (blank: 0.5 grey; or noise)."""
+
+    def __init__(self, height: int, width: int, generator: torch.Generator, std: float = 0.0):
+        super().__init__()
+        self.pixels = nn.Parameter(torch.randn(1, 3, height, width, generator=generator) * std)
+
+    def forward(self) -> Tensor:
+        return torch.sigmoid(self.pixels)
+
+
+class InputImage(nn.Module):
+    """Free pixels of the model's input (normalised) space, unbounded, as Simonyan et al. 2014
+    optimise them: zero (the mean image) or noise at the start; returned as RGB (x * std + mean)
+    so that every parametrisation feeds the same loop."""
+
+    def __init__(
+        self, height: int, width: int, model: Model, generator: torch.Generator, std: float = 0.0
+    ):
+        super().__init__()
+        self.mean, self.std = normaliser(model)
+        self.pixels = nn.Parameter(torch.randn(1, 3, height, width, generator=generator) * std)
+
+    def forward(self) -> Tensor:
+        return self.pixels * self.std + self.mean
+
+
+PARAMETRIZATIONS = ("fourier", "pixel", "input")
+
+
+def make_image(
+    parametrization: str,
+    size: tuple[int, int],
+    model: Model,
+    generator: torch.Generator,
+    init: str = "noise",
+) -> nn.Module:
+    """The image being optimised, as a module returning RGB (1, 3, H, W): ``"fourier"``
+    (decorrelated spectrum, Olah et al. 2017), ``"pixel"`` (sigmoid of free pixels, in [0, 1])
+    or ``"input"`` (free pixels of the normalised input). ``init``: ``"noise"`` or ``"blank"``
+    (grey for ``"pixel"``, the mean image for ``"input"``); the spectrum always starts as
+    faint noise."""
+    height, width = size
+    if parametrization not in PARAMETRIZATIONS:
+        raise RequestError(
+            f"parametrization must be one of {', '.join(map(repr, PARAMETRIZATIONS))}, "
+            f"not {parametrization!r}"
+        )
+    if init not in ("noise", "blank"):
+        raise RequestError(f"init must be 'noise' or 'blank', not {init!r}")
+    if parametrization == "fourier":
+        return FourierImage(height, width, generator)
+    noise = 0.5 if init == "noise" else 0.0
+    if parametrization == "pixel":
+        return PixelImage(height, width, generator, std=noise)
+    return InputImage(height, width, model, generator, std=noise)
+
+
+def progress_bar(total: int, description: str, progress: bool | None) -> tqdm:
+    """A task's progress bar (an optimisation's steps, TCAV's CAVs): always with
+    ``progress=True``, never with ``False``, after a second otherwise."""
+    return tqdm(
+        total=total,
+        desc=description,
+        delay=0 if progress else 1.0,
+        disable=progress is False,
+        leave=False,
+    )

@@ -3,6 +3,7 @@
 from convlens.methods import (  # noqa: F401
     anchors,
     cam,
+    contrastive,
     gradient,
     meaningful,
     perturbation,

@@ -62,6 +62,8 @@ class Method(ABC):
             ``convlens methods``); backward passes are as many where the method takes gradients.
         reads_inside: whether the method changes backward rules or reads inner layers, which
             TorchScript code hides from Python (the method is refused on scripted models).
+        prediction_only: whether the method explains only each input's predicted class (its
+            question is about the prediction); other class targets are refused.
     """
 
     name: ClassVar[str] = ""
@@ -74,6 +76,7 @@ class Method(ABC):
     random: ClassVar[bool] = False
     uses_layer: ClassVar[bool] = False
     reads_inside: ClassVar[bool] = False
+    prediction_only: ClassVar[bool] = False
     passes: ClassVar[str] = "1 forward and backward pass"
 
     def __init__(self, engine: Engine, params: Mapping[str, Any], seed: int = 0):

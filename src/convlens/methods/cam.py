@@ -4,7 +4,8 @@ Every variant shares the plumbing of :class:`CAMMethod`: choosing the layer (a n
 ``Model.cam_layer``, or the last convolution whose output is still spatial), one forward pass
 that captures it (and one backward pass to it, never further, for the gradient variants), and
 upsampling. A gradient variant is then one formula, :meth:`GradientCAM.combine`; Score-CAM and
-Ablation-CAM run their many forward passes through the shared engine, in batches.
+Ablation-CAM run their many forward passes through the shared engine, in batches (Ablation-CAM's
+from the explained layer on where the network allows it, :mod:`convlens.methods.ablation`).
 
 Maps are returned in the units of the target score (no normalisation); ``relu`` and the other
 choices each paper makes are recorded in ``Explanation.params``.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convlens.checks import RequestError, RequestTypeError, finite
-from convlens.engine import Score, Scored, channels_last_grid
-from convlens.hooks import Captured, capture, edit_output
+from convlens.engine import Score
+from convlens.hooks import Captured, capture
+from convlens.methods.ablation import Ablations, ChannelScores, channel_ablations
 from convlens.methods.base import Method, Result
 from convlens.methods.feature_maps import feature_maps, safe_divide, upsample, weighted_sum
 from convlens.methods.gradient import GuidedBackprop
@@ -181,6 +182,10 @@ class GradientCAM(CAMMethod):
     def combine(self, activations: Tensor, gradients: Tensor) -> Tensor:
         """The variant's formula: (B, K, h, w) activations and gradients to maps (B, h, w)."""
 
+    def objective(self, step: Any) -> Tensor:
+        """The scores (one per input) whose gradients weigh the maps: the targets' own."""
+        return step.scores
+
     def activations_and_gradients(
         self, x: Tensor, targets: list[Target]
     ) -> tuple[list[Tensor], list[Tensor], list[Target], list[str]]:
@@ -189,7 +194,7 @@ class GradientCAM(CAMMethod):
         step = self.engine.evaluate(x, targets, layers=layers, grad=True)
         keys, names = self._chosen(step.captured, layers)
         activations = [step.captured[key] for key in keys]
-        gradients = torch.autograd.grad(step.scores.sum(), activations, allow_unused=True)
+        gradients = torch.autograd.grad(self.objective(step).sum(), activations, allow_unused=True)
         gradients = [
             self.grid(torch.zeros_like(a) if g is None else g).float()
             for a, g in zip(activations, gradients, strict=True)
@@ -408,13 +413,6 @@ class CAM(CAMMethod):
                 )
 
 
-class _ChannelScores(Scored):
-    """One forward pass per channel of a layer; the scores are kept per channel."""
-
-    def __init__(self, x: Tensor, features: Tensor) -> None:
-        self.x, self.features, self.n = x, features, len(features)
-
-
 class ChannelScoringCAM(CAMMethod):
     """A CAM whose channel weights come from one forward pass per channel (through the engine's
     perturbation loop). Subclasses give the sampler of one input's passes, how a pass is
@@ -424,7 +422,7 @@ class ChannelScoringCAM(CAMMethod):
     score: ClassVar[Score] = staticmethod(score_rows)
 
     @abstractmethod
-    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> ChannelScores:
         """The passes of one input ``x`` (1, C, H, W) whose layer gives ``features``."""
 
     @abstractmethod
@@ -435,26 +433,34 @@ class ChannelScoringCAM(CAMMethod):
         """Refuse, before the per-channel passes, clean scores the weights cannot use."""
         return None
 
+    def channel_scores(
+        self, x: Tensor, features: Tensor, clean: _Clean
+    ) -> tuple[list[Tensor], dict[str, Any]]:
+        """Per input, the scores (K,) of its passes, one per channel of the layer (made by
+        :meth:`sampler`), and what to add to ``Result.resolved``."""
+        self.engine.expect(len(x) * features.shape[1])
+        samplers = self.engine.perturb(
+            clean.targets,
+            lambda i, _: self.sampler(x[i : i + 1], features[i], clean.layer, clean.calls),
+            type(self).score,
+        )
+        return [s.scores for s in samplers], {}
+
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         with self.engine.task(len(x)):
             clean = self.clean_forward(x, targets)
             self.check_clean(clean.scores)
             (features,) = clean.activations
-            self.engine.expect(len(x) * features.shape[1])
-            samplers = self.engine.perturb(
-                clean.targets,
-                lambda i, _: self.sampler(x[i : i + 1], features[i], clean.layer, clean.calls),
-                type(self).score,
-            )
+            scores, ran = self.channel_scores(x, features, clean)
         maps = [
-            weighted_sum(features[i : i + 1], self.weights(s.scores, clean.scores[i])[None])
-            for i, s in enumerate(samplers)
+            weighted_sum(features[i : i + 1], self.weights(s, clean.scores[i])[None].to(features))
+            for i, s in enumerate(scores)
         ]
         attribution = self.finish([torch.cat(maps)], x.shape[-2:])
-        return Result(attribution, clean.targets, self.resolved(clean.names))
+        return Result(attribution, clean.targets, {**self.resolved(clean.names), **ran})
 
 
-class _ScoreMasks(_ChannelScores):
+class _ScoreMasks(ChannelScores):
     """Score-CAM: each upsampled, min-max normalised activation map masks the input."""
 
     def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
@@ -479,32 +485,11 @@ class ScoreCAM(ChannelScoringCAM):
     passes: ClassVar[str] = "1 + one per channel of the layer (1281 on Lite0's head)"
     score = staticmethod(probability_scores)
 
-    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> ChannelScores:
         return _ScoreMasks(x, features)
 
     def weights(self, scores: Tensor, clean: Tensor) -> Tensor:
         return scores
-
-
-class _Ablations(_ChannelScores):
-    """Ablation-CAM: row k of a batch is the input with channel k of the layer set to zero."""
-
-    def __init__(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> None:
-        super().__init__(x, features)
-        self.layer, self.calls = layer, calls
-
-    def batch(self, start: int, stop: int) -> tuple[Tensor, Any]:
-        return self.x.expand(stop - start, -1, -1, -1), torch.arange(start, stop)
-
-    def around(self, made: Any) -> AbstractContextManager[Any]:
-        def ablate(output: Tensor) -> Tensor:
-            last = output.dim() == 3 or channels_last_grid(output.shape)  # tokens, Swin grids
-            keep = torch.ones(len(made), output.shape[-1 if last else 1])
-            keep[torch.arange(len(made)), made] = 0
-            shape = (len(made), *[1] * (output.dim() - 2), -1) if last else (*keep.shape, 1, 1)
-            return output * keep.view(shape).to(output)
-
-        return edit_output(self.layer, ablate, self.calls)
 
 
 @register("ablationcam", "cam")
@@ -513,15 +498,32 @@ class AblationCAM(ChannelScoringCAM):
 
     Desai & Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep Convolutional Network
     via Gradient-free Localization", WACV. w_k = (y - y_k) / y with y_k the score when channel
-    k of the layer is set to zero; map = ReLU(Σ_k w_k A_k). One forward pass per channel, in
-    batches; each row of a batch ablates a different channel of the same input.
+    k of the layer is set to zero; map = ReLU(Σ_k w_k A_k). The K ablated scores are computed
+    from the layer on where the network allows it: the input runs at batch 1 and the layer's
+    output becomes K rows, row k without channel k, so only the network after the layer runs K
+    times (:func:`~convlens.methods.ablation.channel_ablations`, which checks it and otherwise
+    runs one full pass per channel). ``Result.resolved`` records which ran (``ablation``) and
+    the rows run from the layer on (``rows_from_layer``).
     """
 
     description = "Ablation-CAM: channels weighted by the score drop when removed (Desai 2020)"
-    passes: ClassVar[str] = "1 + one per channel of the layer (1281 on Lite0's head)"
+    passes: ClassVar[str] = (
+        "1 + 1 per batch of channels ablated from the layer on (the input at batch 1; 5 on "
+        "Lite0's head at 224 px) + 1 check; 1 + 1 per channel where the network after the "
+        "layer cannot take the batch"
+    )
+    _full_passes: ClassVar[bool] = False  # private switch: True forces one full pass per channel
 
-    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> _ChannelScores:
-        return _Ablations(x, features, layer, calls)
+    def sampler(self, x: Tensor, features: Tensor, layer: nn.Module, calls: int) -> ChannelScores:
+        return Ablations(x, features, layer, calls)
+
+    def channel_scores(
+        self, x: Tensor, features: Tensor, clean: _Clean
+    ) -> tuple[list[Tensor], dict[str, Any]]:
+        return channel_ablations(
+            self.engine, x, features, clean.targets, clean.scores, clean.layer, clean.calls,
+            type(self).score, full=self._full_passes,
+        )  # fmt: skip
 
     def check_clean(self, scores: Tensor) -> None:
         zero = (scores == 0).nonzero().flatten().tolist()

@@ -21,9 +21,10 @@ from torch import Tensor
 from convlens.baselines import check_baseline, make_baseline
 from convlens.checks import RequestError, finite, positive_int
 from convlens.engine import Sampler, Scored
+from convlens.incremental import plan_for
 from convlens.methods.base import Method, Result
 from convlens.registry import register
-from convlens.targets import Target, probability_scores, score_rows, scorer
+from convlens.targets import Class, Contrast, Target, probability_scores, score_rows, scorer
 
 __all__ = [
     "LIME",
@@ -68,19 +69,40 @@ class Occlusion(PerturbationMethod):
 
     Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks",
     arXiv:1311.2901. A ``window`` x ``window`` patch slides with ``stride`` over the model input;
-    each pixel's value is the drop f(x) - f(x_occluded), averaged over the windows covering it.
-    The score is the target's logit, as captum's ``Occlusion``.
+    each pixel's value is the drop s(x) - s(x_occluded), averaged over the windows covering it.
+    ``score="probability"`` (the default) takes s as the target's class probability, as the
+    paper measures it (its Fig. 7 maps the probability of the correct class against the
+    position of the grey square); ``score="logit"`` takes the logit, as captum's
+    ``Occlusion``. Under ``"probability"`` a contrast target scores p_p - p_q, and channel and
+    neuron targets, which have no class probability, keep their raw activation (the scoring
+    RISE, LIME and Score-CAM share, ``targets.probability_scores``); ``resolved["score"]``
+    says which was used.
+
+    The occluded copies are scored incrementally where the model allows it
+    (:mod:`convlens.incremental`, Nakandala et al. 2019): the same numbers, with each position
+    recomputing only what its patch reaches in the convolutional part; ``resolved
+    ["incremental"]`` says how far that went, or why plain occlusion ran.
     """
 
     description = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
     passes: ClassVar[str] = "1 + one per window place: ((side - window) // stride + 1) ** 2 (170)"
-    defaults: ClassVar[dict[str, Any]] = {"window": 32, "stride": 16, "baseline": "zero"}
+    defaults: ClassVar[dict[str, Any]] = {
+        "window": 32,
+        "stride": 16,
+        "baseline": "zero",
+        "score": "probability",
+    }
+    _incremental: ClassVar[bool] = True  # False: every occluded copy through the full model
 
     @classmethod
     def check(cls, params: Mapping[str, Any]) -> None:
         positive_int("window", params["window"])
         positive_int("stride", params["stride"])
         check_baseline(params["baseline"])
+        scorer(params["score"])
+
+    def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
+        return scorer(self.params["score"])(targets, output, unit)
 
     def explain(self, x: Tensor, targets: list[Target]) -> Result:
         window, stride = int(self.params["window"]), int(self.params["stride"])
@@ -90,17 +112,39 @@ class Occlusion(PerturbationMethod):
         baseline = make_baseline(self.params["baseline"], x)
         rows, cols = window_starts(height, window, stride), window_starts(width, window, stride)
         positions = [(top, left) for top in rows for left in cols]
+        plan = "switched off"
+        if self._incremental:
+            plan = plan_for(self.engine, targets, x.shape[1:], positions, window)
         with self.engine.task(len(x) * (1 + len(positions))):
-            clean, targets = self.engine.clean(x, targets, self.score)
-            occluded = self.engine.perturb(
-                targets, lambda i, _: _Windows(x[i], baseline[i], positions, window), self.score
-            )
+            if isinstance(plan, str):
+                clean, targets = self.engine.clean(x, targets, self.score)
+                occluded = [
+                    s.scores
+                    for s in self.engine.perturb(
+                        targets,
+                        lambda i, _: _Windows(x[i], baseline[i], positions, window),
+                        self.score,
+                    )
+                ]
+                record: Any = f"plain ({plan})"
+            else:
+                clean, targets, occluded = plan.scores(x, baseline, targets, self.score)
+                record = plan.record
         maps = [
-            self._spread((clean[i] - s.scores).view(1, 1, len(rows), len(cols)), window,
-                         stride, (height, width))
+            self._spread((clean[i] - s).view(1, 1, len(rows), len(cols)), window, stride,
+                         (height, width))
             for i, s in enumerate(occluded)
         ]  # fmt: skip
-        return Result(torch.cat(maps), targets)
+        resolved = {"score": self._score_used(targets), "incremental": record}
+        return Result(torch.cat(maps), targets, resolved=resolved)
+
+    def _score_used(self, targets: list[Target]) -> str:
+        """The score taken: the requested one, or the raw value where a target has no class
+        probability."""
+        if self.params["score"] == "logit":
+            return "logit"
+        raw = sorted({type(t).__name__ for t in targets if not isinstance(t, (Class, Contrast))})
+        return f"probability (raw values for {', '.join(raw)} targets)" if raw else "probability"
 
     @staticmethod
     def _spread(grid: Tensor, window: int, stride: int, size: tuple[int, int]) -> Tensor:

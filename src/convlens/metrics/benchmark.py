@@ -43,10 +43,8 @@ COLUMNS = {
 
 
 def model_inputs(model: Model, data: Shapes) -> torch.Tensor:
-    """The data set's images normalised as the model expects."""
-    mean = torch.tensor(model.mean).view(1, -1, 1, 1)
-    std = torch.tensor(model.std).view(1, -1, 1, 1)
-    return (data.images - mean) / std
+    """The data set's images normalised as the model expects (:meth:`Model.normalise`)."""
+    return model.normalise(data.images)
 
 
 def model_accuracy(model: Model, data: Shapes) -> float:

@@ -48,7 +48,7 @@ def check_target(model: Model, target: Any) -> None:
     """Refuse, before any work, a target the model cannot have: an unknown label name, a class
     index out of range (the model's labels tell how many classes it has), an unknown layer,
     ``Top(k)`` with more classes than the model has."""
-    from convlens.targets import Class, Contrast, check_class, check_target_spec, layer_of
+    from convlens.targets import check_classes, check_target_spec, layer_of
 
     if isinstance(target, Top):
         if model.labels is not None and target.k > len(model.labels):
@@ -57,11 +57,7 @@ def check_target(model: Model, target: Any) -> None:
             )
         return
     for item in check_target_spec(target, 1, model.labels):
-        indices = [item.index] if isinstance(item, Class) else []
-        indices += [item.p, item.q] if isinstance(item, Contrast) else []
-        for index in indices:
-            if isinstance(index, int) and model.labels is not None:
-                check_class(index, len(model.labels))
+        check_classes(item, model.labels)
         layer = layer_of(item)
         if layer is not None:
             model.layer(layer)

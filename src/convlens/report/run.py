@@ -35,6 +35,7 @@ from convlens.files import (
 )
 from convlens.images import ImageError
 from convlens.model import Model
+from convlens.registry import get_method
 from convlens.report.checks import (
     CLASS_THRESHOLD,
     MODEL_THRESHOLD,
@@ -455,6 +456,8 @@ def _one_map(
     views where the map is speckled, the raw RGB picture of an input-channel attribution), and
     the explanation unless the method refused the image."""
     head = dict(target) if isinstance(target, dict) else {}
+    if head.get("rank", 1) > 1 and get_method(method).prediction_only:  # not asked of it
+        return {**head, "refused": f"{method} explains the prediction (rank 1) only"}, None
     job.bar.set_postfix_str(f"{stem}: {method}")
     try:
         e = job.explain(x, method, head.get("class", target))

@@ -32,26 +32,35 @@ DELTA_EPS = 1e-10  # |x - x0| below which a multiplier falls back to the derivat
 
 class _Rescale(torch.autograd.Function):
     """A rectifier on a batch [inputs; references] whose backward uses DeepLIFT's rescale
-    multiplier (f(x) - f(x0)) / (x - x0) for both halves (the derivative where x = x0)."""
+    multiplier (f(x) - f(x0)) / (x - x0) for both halves (the derivative where x = x0).
+
+    The multiplier is computed in the forward, from x as it is then (the model may change x
+    in place afterwards: an in-place rectifier, x += skip), and only it is kept: half the
+    batch, where a copy of x would be all of it."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, upper: float | None) -> Tensor:
-        # the output is recomputed from a copy of x in backward: the model may change either
-        # in place afterwards (an in-place rectifier, x += skip)
-        ctx.x, ctx.upper = x.detach().clone(), upper
-        return torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
+        out = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
+        with torch.no_grad():
+            xi, xr = x.detach().chunk(2)
+            yi, yr = out.detach().chunk(2)
+            dx = xi - xr
+            multiplier = torch.sub(yi, yr).div_(dx)
+            # where x = x0, the derivative: 1 in the linear range, else 0 (PyTorch's own
+            # backward kernels, on a broadcast one)
+            one = xi.new_ones(()).expand_as(xi)
+            derivative = (
+                torch.ops.aten.threshold_backward(one, xi, 0)
+                if upper is None
+                else torch.ops.aten.hardtanh_backward(one, xi, 0.0, upper)
+            )
+            close = dx.abs_() <= DELTA_EPS  # (x0 = x in half precision too, where it is 0)
+            ctx.multiplier = torch.where(close, derivative, multiplier, out=multiplier)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        x, upper = ctx.x, ctx.upper
-        out = torch.relu(x) if upper is None else torch.clamp(x, 0.0, upper)
-        derivative = (x > 0) if upper is None else (x > 0) & (x < upper)
-        xi, xr = x.chunk(2)
-        yi, yr = out.chunk(2)
-        dx, dy = xi - xr, yi - yr
-        fallback = derivative.chunk(2)[0].to(grad.dtype)
-        multiplier = torch.where(dx.abs() < DELTA_EPS, fallback, dy / torch.where(dx == 0, 1, dx))
-        return grad * torch.cat([multiplier, multiplier]), None
+        return (grad.unflatten(0, (2, -1)) * ctx.multiplier).flatten(0, 1), None
 
 
 class _MaxPoolDelta(torch.autograd.Function):

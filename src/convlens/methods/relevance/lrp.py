@@ -168,8 +168,8 @@ class LRP(Method):
                 ledger, chooser = Ledger(), chosen.chooser(settings)
                 with lrp_context(self.model.module, chooser, ledger, settings.stabilizer):
                     step = self.engine.evaluate(x[start:stop], targets[start:stop], grad=True)
-                    scores = step.scores
-                    (relevance,) = torch.autograd.grad(scores, step.inputs, scores.detach())
+                scores = step.scores  # the backward, after the block: without its modes' calls
+                (relevance,) = torch.autograd.grad(scores, step.inputs, scores.detach())
                 parts.append(relevance.detach())
                 resolved += step.targets
                 logits.append(scores.detach().double().cpu())

@@ -108,6 +108,10 @@ class LinearMap:
             (result,) = torch.autograd.grad(self.forward(leaf, weight), leaf, signal)
         return result
 
+    def weigh(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
+        """x * W^T signal: each input's share of the signal (a new tensor)."""
+        return x * self.transpose(signal, x, weight)
+
     def over_inputs(self, make: Callable[[torch.Size], Tensor], x: Tensor) -> Tensor:
         """``make(shape)`` over the layer's own inputs, padded as the call's input ``x``."""
         if self.padding is None or self.inputs is None:
@@ -121,24 +125,18 @@ class Conv2dMap(LinearMap):
 
     def __init__(self, stride: Any, padding: Any, dilation: Any, groups: int) -> None:
         super().__init__(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups))
-        self.args = (stride, padding, dilation, groups)
+        self.args = (pair(stride), pair(padding), pair(dilation), groups)
         self.channel_dim = 1 if groups == 1 else None
 
     def transpose(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
         stride, padding, dilation, groups = self.args
         return torch.ops.aten.convolution_backward(
-            signal,
-            x,
-            weight,
-            None,
-            pair(stride),
-            pair(padding),
-            pair(dilation),
-            False,
-            [0, 0],
-            groups,
+            signal, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
             [True, False, False],
-        )[0]
+        )[0]  # fmt: skip
+
+    def weigh(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.transpose(signal, x, weight).mul_(x)  # the transpose is a new tensor
 
 
 class DenseMap(LinearMap):
@@ -150,6 +148,9 @@ class DenseMap(LinearMap):
 
     def transpose(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
         return signal @ weight
+
+    def weigh(self, signal: Tensor, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.transpose(signal, x, weight).mul_(x)  # the product is a new tensor
 
 
 def affine_map(func: Callable, call: dict[str, Any]) -> LinearMap:
@@ -167,18 +168,25 @@ def affine_map(func: Callable, call: dict[str, Any]) -> LinearMap:
 
 class Merge:
     """One convolution call's parameters and the eval-mode batch norm merged into it (its
-    F.batch_norm call's arguments), folded once needed."""
+    F.batch_norm call's arguments but the input), folded once needed."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         self.weight, self.bias = weight, bias
         self.bn: dict[str, Any] | None = None
-        self.folded: tuple[Tensor, Tensor] | None = None
+        self.scaled: tuple[Tensor, Tensor] | None = None  # per output channel: s and the bias
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The folded weight w * s and bias (:func:`fold` has run). Each weight is scaled when
+        its layer's rule needs it, so that one folded weight at a time is held."""
+        scale, bias = self.scaled  # type: ignore[misc]
+        return self.weight * scale.view(-1, *([1] * (self.weight.dim() - 1))), bias
 
 
 def fold(merges: list[Merge]) -> None:
     """Fold each batch norm into its convolution: w * s and b * s + beta - mean * s with
     s = gamma / sqrt(var + eps). The per-channel arithmetic of all of them runs at once, on
-    their concatenated statistics (a few operations per backward pass, not a few per layer)."""
+    their concatenated statistics (a few operations per backward pass, not a few per layer);
+    the weights are scaled by :meth:`Merge.folded`."""
     bns: list[dict[str, Any]] = [m.bn for m in merges if m.bn is not None]
     sizes = [len(bn["running_var"]) for bn in bns]
     like = bns[0]["running_var"]
@@ -202,4 +210,4 @@ def fold(merges: list[Merge]) -> None:
     if bias is not None:
         shift = shift.addcmul_(bias, scale)
     for m, s, b in zip(merges, scale.split(sizes), shift.split(sizes), strict=True):
-        m.folded = m.weight * s.view(-1, *([1] * (m.weight.dim() - 1))), b
+        m.scaled = s, b

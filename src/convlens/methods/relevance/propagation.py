@@ -4,12 +4,13 @@ While the forward runs, a TorchFunctionMode sees every call: each F.conv2d / F.l
 layer's weight, F.batch_norm and average pooling is computed by an autograd function whose
 backward redistributes relevance by the layer's rule (:mod:`.rules`), running the very call the
 layer made (its strides, groups, dilation; its padding, inside F.conv2d or as a separate F.pad
-that autograd then undoes). Rectifiers pass relevance through unchanged, max pooling routes it
+that the backward undoes). Rectifiers pass relevance through unchanged, max pooling routes it
 to the winner, and residual additions written as ``a + b`` inside ``forward`` split it in
 proportion to the two terms (so do ``mean`` reductions). A BatchNorm that reads a
 convolution's output is folded into that convolution's parameters for its rule (the modules
-themselves are never changed). What biases and stabilisers absorb is counted, layer by layer,
-in a :class:`Ledger`, so that input relevance + absorbed = the target's score.
+themselves are never changed). What biases, stabilisers and constant paddings absorb is
+counted, layer by layer, in a :class:`Ledger`, so that input relevance + absorbed = the
+target's score.
 
 Everything happens inside :func:`lrp_context`; no module is swapped and no hook is left.
 """
@@ -108,6 +109,31 @@ class _Layer(torch.autograd.Function):
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None, None]:
         (x,) = ctx.saved_tensors
         return ctx.step(x, relevance), None, None
+
+
+class _Padded(torch.autograd.Function):
+    """Constant padding (``compute(x)``, F.pad without cropping) as a layer of the ledger: the
+    relevance on its border is what the constant absorbs (nothing, for zeros: every rule puts
+    relevance on an input in proportion to it), the rest goes back to x."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        compute: Callable[[Tensor], Tensor],
+        ledger: Ledger,
+        pad: tuple[int, ...],
+    ) -> Tensor:
+        ctx.ledger, ctx.pad, ctx.shape = ledger, pad, x.shape
+        return compute(x)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:
+        inner = relevance
+        for k in range(len(ctx.pad) // 2):  # F.pad's pairs, from the last dimension on
+            inner = inner.narrow(-1 - k, ctx.pad[2 * k], ctx.shape[-1 - k])
+        ctx.ledger.add(relevance, inner)
+        return inner, None, None, None
 
 
 class _Through(torch.autograd.Function):
@@ -246,8 +272,8 @@ class _LRPMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def clear(self) -> None:
+        """Forget what the forward noted; the merges stay, for a backward pass to fold."""
         self.produced.clear()
-        self.merges.clear()
         self.pads.clear()
         self.non_negative.clear()
 
@@ -298,10 +324,10 @@ class _LRPMode(TorchFunctionMode):
         def effective() -> tuple[Tensor | None, Tensor | None]:
             if merge.bn is None:
                 return merge.weight, merge.bias
-            if merge.folded is None:  # the first folded layer of the backward folds them all
+            if merge.scaled is None:  # the first folded layer of the backward folds them all
                 fold(self.merges)
                 self.merges.clear()
-            return merge.folded  # type: ignore[return-value]
+            return merge.folded()
 
         rest = {k: v for k, v in call.items() if k != "input"}
         rule = self.rules(layer)
@@ -319,9 +345,9 @@ class _LRPMode(TorchFunctionMode):
             and not call["training"]
             and call["running_var"] is not None
         ):
-            source[1].bn = call
-            self.merges.append(source[1])
             rest = {k: v for k, v in call.items() if k != "input"}
+            source[1].bn = rest  # not the input: its graph holds the merge
+            self.merges.append(source[1])
             return _Through.apply(call["input"], lambda x: func(x, **rest))
         return self._pool(func, args, kwargs)
 
@@ -334,9 +360,14 @@ class _LRPMode(TorchFunctionMode):
 
     def _pad(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
         x, *rest = args
-        out = func(*args, **kwargs)
-        self.pads[id(out)] = (out, x.shape, lambda t: func(t, *rest, **kwargs))
         call = bind("input pad mode value", (None, None, "constant", None), args, kwargs)
+        pad = tuple(call["pad"])
+        compute = lambda t: func(t, *rest, **kwargs)  # noqa: E731
+        if call["mode"] == "constant" and min(pad, default=0) >= 0:
+            out = _Padded.apply(x, compute, self.ledger, pad)
+        else:
+            out = func(*args, **kwargs)
+        self.pads[id(out)] = (out, x.shape, compute)
         if self._known_non_negative(x) and (
             call["mode"] != "constant" or (call["value"] or 0) >= 0
         ):
@@ -474,7 +505,8 @@ def _activation(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tenso
 def lrp_context(
     module: nn.Module, rules: Rules, ledger: Ledger, epsilon: float = 1e-6
 ) -> Iterator[None]:
-    """Within the block, the backward pass of ``module`` propagates relevance.
+    """Within the block, the backward pass of ``module`` propagates relevance (the backward of
+    a forward made within the block: it may run after the block, free of its function modes).
 
     ``rules(layer)`` gives the rule of each call of a convolution or linear layer, asked in
     the order the forward makes them (a composite's chooser, :mod:`.composites`); average

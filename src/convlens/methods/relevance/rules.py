@@ -27,6 +27,7 @@ __all__ = [
     "RULES",
     "AlphaBeta",
     "Epsilon",
+    "Excitation",
     "Flat",
     "Gamma",
     "Rule",
@@ -62,8 +63,13 @@ def share(
     z = layer.forward(parts[0], weights[0], bias)
     for part, w in zip(parts[1:], weights[1:], strict=True):
         z = z.add_(layer.forward(part, w))
-    signal = relevance / stabilised(z)
-    total = parts[0] * layer.transpose(signal, parts[0], weights[0])
+    denominator = stabilised(z)
+    reusable = denominator.shape == relevance.shape and denominator.dtype == relevance.dtype
+    if reusable and not (denominator.requires_grad or relevance.requires_grad):
+        signal = torch.div(relevance, denominator, out=denominator)  # a buffer of this call's
+    else:
+        signal = relevance / denominator
+    total = layer.weigh(signal, parts[0], weights[0])
     for part, w in zip(parts[1:], weights[1:], strict=True):
         total = total.addcmul_(part, layer.transpose(signal, part, w))
     return total
@@ -155,12 +161,31 @@ class Epsilon(Rule):
         return self.redistribute(layer, x, relevance, weight, bias, self.epsilon)
 
 
+def _signed(layer: LinearMap, x: Tensor) -> bool:
+    """Whether the input takes negative values: not where it is known or found to be
+    non-negative (after a rectifier), where the terms of negative inputs vanish."""
+    return not (layer.non_negative or bool(x.amin() >= 0))
+
+
 def _signed_parts(layer: LinearMap, x: Tensor) -> list[Tensor]:
-    """[x+, x-], or [x] where the input is known or found to be non-negative (after a
-    rectifier): then the terms of negative inputs vanish."""
-    if layer.non_negative or bool(x.amin() >= 0):
-        return [x]
-    return [x.clamp(min=0), x.clamp(max=0)]
+    """[x+, x-], or [x] where the input is non-negative (:func:`_signed`)."""
+    return [x.clamp(min=0), x.clamp(max=0)] if _signed(layer, x) else [x]
+
+
+def _by_sign(t: Tensor, dim: int) -> Tensor:
+    """torch.cat([t+, t-], dim) (in ``t``'s memory layout, as torch.cat makes it), each half
+    written once by its clamp (where autograd need not record it)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return torch.cat([t.clamp(min=0), t.clamp(max=0)], dim)
+    shape = list(t.shape)
+    shape[dim] *= 2
+    last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if last and not t.is_contiguous() else torch.contiguous_format
+    both = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
+    positive, negative = both.chunk(2, dim)
+    torch.clamp(t, min=0, out=positive)
+    torch.clamp(t, max=0, out=negative)
+    return both
 
 
 def _part(bias: Tensor | None, wanted: bool, **clamp: float) -> Tensor | None:
@@ -189,11 +214,57 @@ class ZPlus(Rule):
     def apply(
         self, layer: LinearMap, x: Tensor, relevance: Tensor, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
-        parts = _signed_parts(layer, x)
-        positive = weight.clamp(min=0)
-        weights = [positive, weight.clamp(max=0)] if len(parts) > 1 else [positive]
         b, eps = _part(bias, self.bias, min=0), self.epsilon
+        signed = _signed(layer, x)
+        if signed and layer.channel_dim is not None:  # share's stacking, each half written once
+            dim = layer.channel_dim
+            parts, weights = [_by_sign(x, dim)], [_by_sign(weight, 1)]
+            stacked = share(layer, parts, weights, relevance, lambda z: z.add_(eps), b)
+            return torch.add(*stacked.chunk(2, dim))
+        positive = weight.clamp(min=0)
+        parts = [x.clamp(min=0), x.clamp(max=0)] if signed else [x]
+        weights = [positive, weight.clamp(max=0)] if signed else [positive]
         return share(layer, parts, weights, relevance, lambda z: z.add_(eps), b)
+
+
+def _no_excitation_passes_nothing(z: Tensor) -> Tensor:
+    """sum_k a_k w+_k as it is (no stabiliser: the shares are exact probabilities), with inf
+    where it is 0: a unit without excitatory input passes nothing on (Z_i is undefined)."""
+    return z.masked_fill_(z == 0, float("inf"))
+
+
+@dataclass(frozen=True, eq=False)
+class Excitation(Rule):
+    """Excitation backprop's probabilistic winner-take-all (Zhang et al. 2016, "Top-down Neural
+    Attention by Excitation Backprop", ECCV, Sec. 3.2, Eq. 1-3): P(a_j) = sum_i P(a_j|a_i) P(a_i)
+    with P(a_j|a_i) = a_j w+_ji / sum_k a_k w+_ki: z+ without bias on non-negative inputs, and
+    without stabiliser (a unit whose excitatory inputs all vanish passes nothing on).
+    ``dual`` negates the weights: the dual output unit of contrastive MWP (Sec. 3.3). A layer
+    whose input takes negative values is refused (its shares are no probabilities); ``layer``
+    names it in the refusal."""
+
+    name: ClassVar[str] = "excitation"
+    dual: bool = False
+    layer: str = ""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Rule:
+        return cls(settings.stabilizer)
+
+    def describe(self) -> str:
+        return "excitation" + ("_dual" if self.dual else "")
+
+    def apply(
+        self, layer: LinearMap, x: Tensor, relevance: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        if not layer.non_negative and bool(x.amin() < 0):
+            raise RequestError(
+                "excitation backprop needs non-negative activations (a rectifier's outputs) "
+                f"into every layer it passes (Zhang et al. 2016); layer {self.layer!r} reads "
+                "negative values: read the map at a layer above it (layer=...), or use 'lrp'"
+            )
+        positive = (weight.neg() if self.dual else weight).clamp(min=0)
+        return share(layer, [x], [positive], relevance, _no_excitation_passes_nothing)
 
 
 @dataclass(frozen=True, eq=False)
