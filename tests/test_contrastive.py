@@ -232,3 +232,11 @@ def test_both_are_listed_in_the_cam_family():
     names = cl.list_methods(family="cam")
     assert "counterfactual_gradcam" in names and "contrast_cam" in names
     assert cl.get_method("contrast_cam").defaults["contrast"] is None
+
+
+def test_sanity_explains_each_randomised_models_own_prediction():
+    """Model randomisation changes the prediction: Contrast-CAM (prediction only) then maps each
+    randomised model's own prediction instead of refusing the trained model's class."""
+    model, x = tiny(head="gap"), tiny_input(2)
+    result = cl.metrics.sanity(model, x, "contrast_cam")
+    assert torch.isfinite(result.spearman).all() and len(result.spearman) > 1

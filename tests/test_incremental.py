@@ -29,6 +29,7 @@ from convlens.targets import Channel, Contrast
 def always(monkeypatch):
     """Localise whatever can be, however little it saves (the miniatures save little)."""
     monkeypatch.setattr(incremental, "WORTH", 0)
+    monkeypatch.setattr(incremental, "MIN_AREA", 0)
 
 
 def both(monkeypatch, model, x, **params):
@@ -221,6 +222,16 @@ def test_too_little_to_skip_runs_plain(monkeypatch):
     fast, slow = both(monkeypatch, ZOO["vgg"](), zoo_input(1), window=8, stride=4)
     assert fast.resolved["incremental"].startswith("plain (incremental would skip ")
     assert torch.equal(fast.attribution, slow.attribution)
+
+
+def test_small_inputs_run_plain_untraced(monkeypatch):
+    """Under MIN_AREA pixels nothing is traced: plain occlusion, and the reason."""
+    monkeypatch.setattr(incremental, "MIN_AREA", 128 * 128)
+    traced = []
+    monkeypatch.setattr(incremental.fx, "symbolic_trace", lambda m: traced.append(m))
+    fast, slow = both(monkeypatch, ZOO["vgg"](), zoo_input(1), window=8, stride=4)
+    assert fast.resolved["incremental"].startswith("plain (inputs under 16384 pixels: too little")
+    assert not traced and torch.equal(fast.attribution, slow.attribution)
 
 
 def test_in_place_activations_keep_the_cache_clean(monkeypatch):

@@ -30,11 +30,12 @@ The plan is made before any model call, on shapes alone (meta tensors; the first
 a process imports torch's meta kernels, about a second). Plain occlusion runs, and
 ``Result.resolved["incremental"]`` says why, where the model is not on a CPU, tracing fails,
 the target reads an inner layer, the model has forward hooks, a value changed in place is read
-again, or too little would be skipped (``WORTH``: small inputs, where the crops' bookkeeping
-costs more than the layers it saves). Otherwise the record gives the last localised node, why
-localisation stopped and the share of the convolutions' multiply-adds skipped. In-place
-operations run on a copy, so cached activations stay clean. Every model call is counted as the
-plain one (one image per position, one per clean pass); the model is left as it was.
+again, or too little would be skipped (inputs under ``MIN_AREA`` pixels, not even traced, and
+``WORTH``: where the crops' bookkeeping costs more than the layers it saves). Otherwise the
+record gives the last localised node, why localisation stopped and the share of the
+convolutions' multiply-adds skipped. In-place operations run on a copy, so cached activations
+stay clean. Every model call is counted as the plain one (one image per position, one per clean
+pass); the model is left as it was.
 """
 
 from __future__ import annotations
@@ -60,13 +61,18 @@ from convlens.locality import (
 )
 from convlens.targets import Target, resolve_targets, target_layers
 
-__all__ = ["THRESHOLD", "WORTH", "Incremental", "plan_for"]
+__all__ = ["MIN_AREA", "THRESHOLD", "WORTH", "Incremental", "plan_for"]
 
 THRESHOLD = 0.7  # largest share of a map a dirty crop may cover and stay localised
 # convolution multiply-adds skipped per position and localised node below which the crops'
-# bookkeeping costs more than it saves (calibrated on CPU: the 32-pixel zoo lies below it,
-# EfficientNet-Lite0, VGG and ResNet at 224 pixels well above)
-WORTH = 200_000
+# bookkeeping costs more than it saves (calibrated on CPU: the 32-pixel zoo lies below it, and
+# so does the README's 64-pixel ResNet, 0.22 M, where incremental took 2.2x plain's time;
+# EfficientNet-Lite0 at 224 pixels skips 1.7 M)
+WORTH = 1_000_000
+# inputs smaller than this (pixels) run plain without being traced: the crops' bookkeeping and
+# the plan (about a second, once per process, to load torch's meta kernels) cost more than
+# such small maps can save
+MIN_AREA = 128 * 128
 
 # dirty rectangles, one row per position: top, bottom, left, right (bottom and right exclusive);
 # (0, 0, 0, 0) where the position leaves the node clean
@@ -123,6 +129,8 @@ def plan_for(engine: Engine, targets: Sequence[Target], size: Sequence[int],
     everywhere = nn.modules.module  # hooks registered for every module
     if hooked or everywhere._global_forward_hooks or everywhere._global_forward_pre_hooks:
         return "the model has forward hooks"
+    if size[-2] * size[-1] < MIN_AREA:
+        return f"inputs under {MIN_AREA} pixels: too little to skip"
     try:  # traced on every call (0.1 s for EfficientNet-Lite0): never stale
         traced = fx.symbolic_trace(module)
     except Exception as error:

@@ -28,6 +28,7 @@ from convlens.explanation import Explanation
 from convlens.hooks import call_order
 from convlens.metrics.common import heatmaps
 from convlens.model import Model, as_model
+from convlens.registry import get_method
 from convlens.targets import Class, TargetSpec, check_target_spec
 
 __all__ = ["Sanity", "randomisable_layers", "sanity"]
@@ -150,7 +151,9 @@ def sanity(
 
     Args:
         method: a registered method name, or a function ``(model, x) -> map`` (to check any map).
-        target: as in ``explain``; the classes stay those of the trained model throughout.
+        target: as in ``explain``; the classes stay those of the trained model throughout,
+            but for a method that explains the prediction only (``prediction_only``, e.g.
+            Contrast-CAM), whose maps are then of each randomised model's own prediction.
         layers: names to randomise, in order; default every module owning parameters, from the
             last one a forward pass reaches to the first.
         absolute: compare absolute values of the maps, as in the paper's main figures.
@@ -167,6 +170,8 @@ def sanity(
     with session(wrapped, inputs, batch_size, progress=False) as engine:
         _, targets = engine.clean(inputs, targets)
     fixed = [t.index if isinstance(t, Class) else t for t in targets]
+    if isinstance(method, str) and get_method(method).prediction_only:
+        fixed = None  # its question is about the prediction: each model's own
     params = {
         k: wrapped.layer_name(v) if isinstance(v, nn.Module) else v for k, v in params.items()
     }
