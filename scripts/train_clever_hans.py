@@ -17,7 +17,6 @@ class.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import accuracy, fit, normalise
+from train_shapes import accuracy, fit, normalise, save
 
 from convlens.datasets import SHAPES, clever_hans, shapes, tag
 from convlens.zoo import ShapesCNN
@@ -95,11 +94,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python scripts/train_clever_hans.py",
     }
-    out = Path(args.out)
-    torch.save(model.state_dict(), out)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in SETTINGS}, indent=2))
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
+    save(model, args.out, record, [k for k in record if k not in SETTINGS])
 
 
 if __name__ == "__main__":

@@ -95,8 +95,6 @@ def main() -> None:
         model = ShapesCNN()
     start = time.perf_counter()
     score = fit(model, train, validation, SETTINGS)
-    out = Path(args.out)
-    torch.save(model.state_dict(), out)
     record = {
         **SETTINGS,
         "validation_accuracy": score,
@@ -105,7 +103,17 @@ def main() -> None:
         "command": "python scripts/train_shapes.py"
         + (f" --arch {args.arch} --out {args.out}" if args.arch else ""),
     }
+    save(model, args.out, record)
+
+
+def save(model: nn.Module, out: str | os.PathLike, record: dict[str, Any], shown: Any = ()) -> None:
+    """The weights at ``out`` and ``record`` beside them (``out`` with ``.json``); prints the
+    record's keys in ``shown`` and the file's size."""
+    out = Path(out)
+    torch.save(model.state_dict(), out)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    if shown:
+        print(json.dumps({k: v for k, v in record.items() if k in shown}, indent=2))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
 
 

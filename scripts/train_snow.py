@@ -17,7 +17,6 @@ swapped images, and where Grad-CAM puts the evidence (:func:`evidence`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import accuracy, fit
+from train_shapes import accuracy, fit, save
 
 import convlens as cl
 from convlens.datasets import SNOW_CLASSES, snow
@@ -147,11 +146,7 @@ def main() -> None:
         + (f" --epochs {args.epochs}" if args.epochs is not None else "")
         + (f" --out {args.out}" if args.out != parser.get_default("out") else ""),
     }
-    out = Path(args.out)
-    torch.save(module.state_dict(), out)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in record.items() if k not in settings}, indent=2))
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
+    save(module, args.out, record, [k for k in record if k not in settings])
 
 
 if __name__ == "__main__":
