@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,9 +38,9 @@ from .common import (
     kept,
     setup,
     suite_main,
-    synchronise,
     table,
     throughput,
+    timed,
 )
 from .resnet import resnet50
 
@@ -112,17 +109,6 @@ def channels(module: torch.nn.Module, layer: str, x: torch.Tensor) -> int:
     return seen[-1]
 
 
-def seconds(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
-    """Median seconds of ``runs`` calls of ``fn`` (after none: callers warm up), last result."""
-    times, result = [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        result = fn()
-        synchronise()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def ablation_table(models: list[str], size: int, repeats: int, today: int) -> list[dict]:
     rows = []
     for name in models:
@@ -139,12 +125,12 @@ def ablation_table(models: list[str], size: int, repeats: int, today: int) -> li
 
         curve = kept(lambda bare=bare, x=x: throughput(forward, bare, x, FLOOR_BATCHES))()
         explanation = ours()  # warm-up; the first call on a model also probes it
-        fast, explanation = seconds(ours, repeats)
-        slow, forced = seconds(lambda: ours(full=True), today)
+        fast, explanation = timed(ours, repeats, warm=False)
+        slow, forced = timed(lambda: ours(full=True), today, warm=False)
         oracle, theirs = grad_cam_oracle(bare, layer, x, target), None
         if callable(oracle):
             try:
-                theirs = seconds(oracle, today)[0]
+                theirs = timed(oracle, today, warm=False)[0]
             except Exception as error:  # it runs, but not on this model
                 oracle = f"{type(error).__name__}: {error}"
         after = kept(lambda bare=bare, x=x: throughput(forward, bare, x, FLOOR_BATCHES))()

@@ -85,13 +85,14 @@ class PeakMemory:
         return (self.peak - self.start) / 2**20
 
 
-def timed(fn: Callable[[], Any], repeats: int = 5) -> tuple[float, Any]:
-    """Median seconds over ``repeats`` calls (after one warm-up) and the last result.
+def timed(fn: Callable[[], Any], repeats: int = 5, warm: bool = True) -> tuple[float, Any]:
+    """Median seconds over ``repeats`` calls (after one warm-up, unless ``warm`` is False) and
+    the last result.
 
     No memory sampling here: a sampling thread would compete for the two cores. Peak memory is
     measured separately, in a fresh process (:func:`cold_peak_mb`).
     """
-    result = fn()  # warm-up: allocator, lazy initialisation
+    result = fn() if warm else None  # warm-up: allocator, lazy initialisation
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
