@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -104,6 +105,36 @@ def test_freed_memory_is_kept_during_explain_only(monkeypatch):
             assert inner is linux
         assert engine.keeping_freed_memory() is linux
     assert not engine.keeping_freed_memory()
+
+
+def test_a_call_leaves_at_most_kept_after_of_freed_memory(monkeypatch):
+    """Freed memory up to KEPT_AFTER stays for the next call (no page faults for it again);
+    beyond it, it goes back to the system."""
+    from convlens import allocator
+
+    monkeypatch.setitem(allocator._KEPT, "active", False)
+    trims = []
+    monkeypatch.setattr(allocator, "_trim", lambda: trims.append(1))
+    resident = iter([0, allocator.KEPT_AFTER, 0, allocator.KEPT_AFTER + 1])
+    monkeypatch.setattr(allocator, "_resident", lambda: next(resident))
+    with allocator.freed_memory_kept():
+        pass
+    assert trims == []  # grew by KEPT_AFTER: kept
+    with allocator.freed_memory_kept(), allocator.freed_memory_kept():
+        pass  # nested: measured from the outer block's entry
+    assert trims == [1]  # grew by more: returned
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_memory_a_call_frees_beyond_kept_after_goes_back_to_the_system():
+    from convlens import allocator
+
+    before = allocator._resident()
+    with allocator.freed_memory_kept():
+        big = torch.ones(3 * allocator.KEPT_AFTER // 4)  # 3x KEPT_AFTER bytes, resident
+        assert allocator._resident() - before > 2 * allocator.KEPT_AFTER
+        del big
+    assert allocator._resident() - before < allocator.KEPT_AFTER
 
 
 def test_what_the_engine_remembers_of_a_model_does_not_keep_it_alive():
