@@ -352,6 +352,18 @@ def test_background_requests_are_checked_before_any_work(
     assert not out.exists()
 
 
+def test_a_background_no_method_takes_is_refused_not_ignored(tmp_path, data, backdrop, capsys):
+    out = tmp_path / "out"
+    args = ["explain", str(data / "circle" / "circle_0000.png"), "--model", "shapes-cnn"]
+    args += ["--methods", "gradcam,deeplift", "--background", str(backdrop), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--background: none of the methods (gradcam, deeplift)" in err
+    assert not out.exists()
+    # baseline=mean takes it: the set's mean image
+    assert main([*args, "--param", "deeplift.baseline=mean", "--background-size", "2"]) == 0
+
+
 def test_a_background_tensor_in_python(model, data, tmp_path):
     references = cl.datasets.shapes(4, seed=9).images
     sources = [("c", data / "circle" / "circle_0000.png")]
@@ -367,6 +379,8 @@ def test_a_background_tensor_in_python(model, data, tmp_path):
         report.explain_images(
             model, sources, ["deeplift"], tmp_path / "x", params={"deeplift": {"shap": True}}
         )
+    with pytest.raises(RequestError, match="none of the methods \\(gradcam\\) uses a background"):
+        report.explain_images(model, sources, ["gradcam"], tmp_path / "y", background=references)
     with pytest.raises(RequestError, match="a background is a tensor"):
         Background(torch.zeros(3, 8, 8))
 

@@ -52,7 +52,7 @@ def run_explain(args: argparse.Namespace) -> int:
         raise UsageError("give image files, or --samples for the bundled photos")
     if args.curve_steps < 2:
         raise UsageError("--curve-steps must be at least 2")
-    background = background_paths(args, params)
+    background = background_paths(args, methods, params)
     sources: list[tuple[str, Any]] = [(str(path), path) for path in args.images]
     if args.samples:
         sources += list(cl.sample_images().items())

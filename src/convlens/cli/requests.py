@@ -277,9 +277,12 @@ def read_targets_file(path: str, names: Sequence[str]) -> dict[str, tuple[int, A
     return found
 
 
-def background_paths(args: argparse.Namespace, params: dict[str, dict[str, Any]]) -> list[str]:
+def background_paths(
+    args: argparse.Namespace, methods: list[str], params: dict[str, dict[str, Any]]
+) -> list[str]:
     """``--background``'s folders and files (none without it), checked to hold images, and
-    ``--background-size``; DeepSHAP without ``--background`` is refused."""
+    ``--background-size``; DeepSHAP without ``--background`` is refused, and so is a
+    ``--background`` that none of ``methods`` takes."""
     from convlens import report
 
     if not args.background:
@@ -288,6 +291,8 @@ def background_paths(args: argparse.Namespace, params: dict[str, dict[str, Any]]
                 "DeepSHAP (deeplift with shap=True) needs a reference set: give --background DIR"
             )
         return []
+    if not report.background_users(methods, params):
+        raise UsageError(f"--background: {report.unused_background(methods)}")
     if args.background_size < 1:
         raise UsageError("--background-size must be a positive integer")
     report.background_files(args.background)  # each exists, and each folder holds images

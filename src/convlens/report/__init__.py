@@ -15,7 +15,9 @@ from convlens.report.inputs import (
     Background,
     Top,
     background_files,
+    background_users,
     load_background,
+    unused_background,
     with_background,
 )
 from convlens.report.page import render, write
@@ -31,6 +33,7 @@ __all__ = [
     "Background",
     "Top",
     "background_files",
+    "background_users",
     "check_evaluation",
     "check_methods",
     "check_report_folder",
@@ -40,6 +43,7 @@ __all__ = [
     "load_background",
     "ranking",
     "render",
+    "unused_background",
     "with_background",
     "write",
 ]

@@ -31,9 +31,11 @@ __all__ = [
     "Background",
     "Top",
     "background_files",
+    "background_users",
     "describe_target",
     "load_background",
     "targets_by_image",
+    "unused_background",
     "with_background",
 ]
 
@@ -201,6 +203,29 @@ def load_background(
     )
 
 
+def unused_background(methods: Sequence[str]) -> str:
+    """The refusal of a background that none of ``methods`` takes."""
+    return (
+        f"none of the methods ({', '.join(methods)}) uses a background: it is the reference "
+        "set of gradient_shap and of deeplift with shap=True, and the image of baseline=mean"
+    )
+
+
+def background_users(
+    methods: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None
+) -> list[str]:
+    """The methods that take a background (:func:`with_background`): ``gradient_shap`` and
+    ``deeplift`` with ``shap=True`` without a baseline of their own, and ``baseline="mean"``."""
+    users = []
+    for method in methods:
+        given = (params or {}).get(method, {})
+        baseline = given.get("baseline")
+        shap = method == "gradient_shap" or (method == "deeplift" and given.get("shap") is True)
+        if (isinstance(baseline, str) and baseline == "mean") or (baseline is None and shap):
+            users.append(method)
+    return users
+
+
 def with_background(
     methods: Sequence[str],
     params: Mapping[str, Mapping[str, Any]] | None,
@@ -212,9 +237,12 @@ def with_background(
     With a background: ``deeplift`` with ``shap=True`` and ``gradient_shap`` get the set as
     their ``baseline`` unless one is given; ``baseline="mean"`` becomes the set's mean image.
     Without one, ``"mean"`` stays each image's mean colour, and ``deeplift`` with ``shap=True``
-    and no tensor baseline is refused (DeepSHAP needs a reference set)."""
+    and no tensor baseline is refused (DeepSHAP needs a reference set). A background that no
+    method takes is refused too, rather than ignored."""
     if isinstance(background, Tensor):
         background = Background(background)
+    if background is not None and not background_users(methods, params):
+        raise RequestError(unused_background(methods))
     params = {name: dict(value) for name, value in (params or {}).items()}
     notes: dict[str, str] = {}
     for method in methods:
