@@ -58,3 +58,31 @@ def test_audit_bench_times_local_and_ray() -> None:
         assert engine in done.stdout
     lines = [line for line in done.stdout.splitlines() if line.startswith(("local", "ray"))]
     assert all(line.split()[-1 if "local" in line else -2] == "0" for line in lines), lines
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_lrp_bound_computes_z_plus(signed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.relevance.zplus_bound does the z+ rule's arithmetic (checked on one convolution
+    against autograd): x * d/dx [w+ x / (w+ x + eps)], the signal held fixed; with inputs of
+    both signs, x+ through w+ and x- through w-."""
+    import torch
+    from torch import nn
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.relevance import zplus_bound
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    module = nn.Sequential(conv, nn.Flatten())
+    x = torch.randn(1, 3, 9, 9) if signed else torch.rand(1, 3, 9, 9)
+    shares = zplus_bound(module, x, 0)()
+    w = conv.weight.detach()
+    parts = [(x.clamp(min=0), w.clamp(min=0)), (x.clamp(max=0), w.clamp(max=0))]
+    z = sum(nn.functional.conv2d(p, v, None, 2, 1) for p, v in parts)
+    signal = 1 / (z + 1e-6)
+    expected = 0
+    for p, v in parts[: 2 if signed else 1]:
+        p = p.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((nn.functional.conv2d(p, v, None, 2, 1) * signal).sum(), p)
+        expected = expected + p.detach() * grad
+    assert torch.allclose(shares, expected, rtol=1e-5, atol=1e-6)
