@@ -7,9 +7,9 @@ pass of the bare model at batch 1 (timed alternately with it): the work of a gra
 LRP's rules replace. The suite's floors run the bare model on contiguous images, as users do;
 convlens runs it channels-last, so the suite ends with LRP against one fwd+bwd in both
 layouts, and against a hand-written lower bound on its work (``zplus_bound``: the z+ rule's
-convolutions alone). DeepLIFT runs the inputs and references as one batch of two; GradientSHAP passes
-``n_samples`` images, drawing each chunk's random numbers as it goes. Oracles: captum's
-DeepLift and GradientShap on the same work.
+convolutions alone). DeepLIFT runs the inputs and references as one batch of two;
+GradientSHAP passes ``n_samples`` images, drawing each chunk's random numbers as it goes.
+Oracles: captum's DeepLift and GradientShap on the same work.
 """
 
 from __future__ import annotations
