@@ -26,6 +26,15 @@ from the clean activation (beyond the map, the layer's padding value) with its i
 pasted in, and the layer runs without padding, so each crop equals the full computation. From
 where localisation stops, the rest of the graph runs in full on the pasted maps, batched.
 
+Approximate mode (the paper's projective-field thresholding): with a threshold ``tau`` in
+(0, 1), each localised node after the input keeps its dirty rectangle's sides at most
+ceil(tau x the map's side), cut around the rectangle the patch would reach were the map
+unbounded and kept inside the exact one; outside it the node keeps its clean activation, and
+the next node's region grows from the cut one. The map is then an approximation (a patch's
+effect beyond the cut is dropped), and localisation goes on through maps the exact rule
+covers entirely. ``tau = 1`` is the exact computation. ``THRESHOLD`` and ``WORTH`` apply to
+the cut regions (tau = 0.75 still stops at a 7 x 7 map: its 6 x 6 cut covers 73%).
+
 The plan is made before any model call, on shapes alone (meta tensors; the first such call in
 a process imports torch's meta kernels, about a second). Plain occlusion runs, and
 ``Result.resolved["incremental"]`` says why, where the model is not on a CPU, tracing fails,
@@ -103,6 +112,35 @@ def _fit(rects: Rects, height: int, width: int) -> _Region:
     return _Region(h, w, tops, lefts)
 
 
+def _cap(rects: Rects, grown: Rects, size: Sequence[int], tau: float) -> Rects:
+    """Krypton's projective-field threshold: each side of each dirty rectangle (``rects``,
+    inside the map) longer than ceil(``tau`` x the map's side) cut to that length, centred on
+    the rectangle the patch would reach were the map unbounded (``grown``), shifted inside
+    ``rects`` (so at a border the cut keeps the border)."""
+    out = rects.clone()
+    for axis, side in enumerate(size):
+        lo, hi = rects[:, 2 * axis], rects[:, 2 * axis + 1]
+        start, end = grown[:, 2 * axis], grown[:, 2 * axis + 1]
+        cap = math.ceil(round(tau * side, 9))  # round: 0.7 * 10 is 7.000000000000001
+        middle = start + torch.div(end - start - cap, 2, rounding_mode="floor")
+        middle = torch.maximum(torch.minimum(middle, hi - cap), lo)
+        over = hi - lo > cap
+        out[:, 2 * axis] = torch.where(over, middle, lo)
+        out[:, 2 * axis + 1] = torch.where(over, middle + cap, hi)
+    return out
+
+
+def _aligned(region: _Region, source: _Region, window: Window) -> bool:
+    """Whether every position's input crop for ``region`` (the rows and columns the window
+    reads) is the source's crop."""
+    (sh, sw), (ph, pw), (eh, ew) = window.stride, window.before, window.extent
+    return (
+        ((region.h - 1) * sh + eh, (region.w - 1) * sw + ew) == (source.h, source.w)
+        and torch.equal(region.tops * sh - ph, source.tops)
+        and torch.equal(region.lefts * sw - pw, source.lefts)
+    )
+
+
 def _union(operands: list[Rects]) -> Rects:
     """Per position, the bounding rectangle of the operands' dirty rectangles."""
     stacked = torch.stack(operands)  # (k, n, 4)
@@ -115,11 +153,13 @@ def _union(operands: list[Rects]) -> Rects:
 
 
 def plan_for(engine: Engine, targets: Sequence[Target], size: Sequence[int],
-             positions: list[tuple[int, int]], window: int) -> Incremental | str:  # fmt: skip
+             positions: list[tuple[int, int]], window: int,
+             tau: float = 1.0) -> Incremental | str:  # fmt: skip
     """Incremental occlusion for the engine's model on inputs of ``size`` (C, H, W), a
     ``window`` at each of ``positions`` (top, left), planned on shapes alone (meta tensors),
     or why plain occlusion runs: the model cannot be followed, or too little would be skipped
-    (less than ``WORTH`` multiply-adds per position and localised node)."""
+    (less than ``WORTH`` multiply-adds per position and localised node). ``tau`` < 1 caps the
+    dirty regions (approximate: see the module's docstring); 1 is exact."""
     module = engine.model.module
     if engine.device.type != "cpu":  # many small crops: measured, and worth it, on CPUs only
         return f"incremental occlusion runs on CPUs; the model is on {engine.device.type}"
@@ -144,7 +184,7 @@ def plan_for(engine: Engine, targets: Sequence[Target], size: Sequence[int],
         changed = m.args[0]
         if isinstance(changed, fx.Node) and any(order[u] > order[m] for u in changed.users):
             return f"{m.name} changes a value in place that is read again"
-    plan = Incremental(engine, traced, positions, window, mutating)
+    plan = Incremental(engine, traced, positions, window, mutating, tau)
     try:
         with torch.no_grad():
             meta: dict[fx.Node, Any] = {}
@@ -161,9 +201,9 @@ class Incremental:
     """Occlusion scores of one model, computed incrementally (see the module's docstring)."""
 
     def __init__(self, engine: Engine, graph: fx.GraphModule, positions: list[tuple[int, int]],
-                 window: int, mutating: set[fx.Node]) -> None:  # fmt: skip
+                 window: int, mutating: set[fx.Node], tau: float = 1.0) -> None:  # fmt: skip
         self.engine, self.graph, self.positions, self.window = engine, graph, positions, window
-        self.mutating = mutating
+        self.mutating, self.tau = mutating, tau
         self.nodes = list(graph.graph.nodes)
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last = {n: max((order[u] for u in n.users), default=0) for n in self.nodes}
@@ -253,6 +293,10 @@ class Incremental:
                 reason, self.stop = f"{node.name}: {covers}", index
                 break
             dirty[node], self.regions[node], self.local[node] = rects, region, kind  # type: ignore[assignment]
+        # windows whose input crops are exactly their source's crops (1x1 convolutions,
+        # shifts): read those crops as they are, nothing copied
+        self.aligned = {n for n, k in self.local.items() if isinstance(k, Window) and
+                        _aligned(self.regions[n], self.regions[k.source], k)}  # fmt: skip
         last = [n.name for n in self.local]
         total = sum(conv_macs(n, self.graph, cache) for n in self.nodes)
         self.skipped = sum(
@@ -292,16 +336,21 @@ class Incremental:
         return "pointwise", ""
 
     def _rects(self, node: fx.Node, kind: Window | str, cache: dict, dirty: dict) -> Rects:
-        """Each position's dirty rectangle in the node's output."""
+        """Each position's dirty rectangle in the node's output (capped where ``tau`` < 1)."""
+        size = cache[node].shape[-2:]
         if not isinstance(kind, Window):
-            return _union([dirty[a] for a in node.all_input_nodes if a in dirty])
-        r, size = dirty[kind.source], cache[node].shape[-2:]
+            out = _union([dirty[a] for a in node.all_input_nodes if a in dirty])
+            return out if self.tau == 1 else _cap(out, out, size, self.tau)
+        r = dirty[kind.source]
         top, bottom = through(r[:, 0], r[:, 1], kind.extent[0], kind.stride[0], kind.before[0],
-                              size[0])  # fmt: skip
+                              size[0], clip=False)  # fmt: skip
         left, right = through(r[:, 2], r[:, 3], kind.extent[1], kind.stride[1], kind.before[1],
-                              size[1])  # fmt: skip
-        out = torch.stack([top, bottom, left, right], dim=1)
-        return torch.where((_valid(r) & _valid(out))[:, None], out, 0)
+                              size[1], clip=False)  # fmt: skip
+        grown = torch.stack([top, bottom, left, right], dim=1)
+        out = torch.stack([top.clamp(min=0), bottom.clamp(max=size[0]), left.clamp(min=0),
+                           right.clamp(max=size[1])], dim=1)  # fmt: skip
+        out = torch.where((_valid(r) & _valid(out))[:, None], out, 0)
+        return out if self.tau == 1 else _cap(out, grown, size, self.tau)
 
 
 class _Run:
@@ -347,7 +396,16 @@ class _Run:
         if isinstance(value, Tensor) and value.dim() == 4 and len(value) == 1:
             zero = torch.zeros(self.n, dtype=torch.long, device=value.device)
             return self._region(node, zero, zero, *value.shape[-2:], 0.0)
+        if shape_only(node):  # x.size(0): a batch of clean maps has the shape, uncopied
+            return self.plan.run(node, self._shaped)
         return self.plan.run(node, self._get)
+
+    def _shaped(self, node: fx.Node) -> Any:
+        """A node's value with the chunk's batch size, for reading its shape."""
+        value = self.cache[node]
+        if isinstance(value, Tensor) and value.dim() == 4 and len(value) == 1:
+            return value.expand(self.n, *value.shape[1:])
+        return self._get(node)
 
     def _slice(self, region: _Region) -> tuple[Tensor, Tensor]:
         """The chunk's crop origins (tops, lefts) of a region, on the model's device."""
@@ -361,6 +419,8 @@ class _Run:
         if kind == "input":
             return self._region(node, tops, lefts, region.h, region.w, 0.0, occlude=True)
         if isinstance(kind, Window):
+            if node in self.plan.aligned:
+                return kind.apply(self.crops[kind.source], self.cache.__getitem__)
             (sh, sw), (ph, pw), (eh, ew) = kind.stride, kind.before, kind.extent
             patch = self._region(
                 kind.source, tops * sh - ph, lefts * sw - pw, (region.h - 1) * sh + eh,

@@ -91,13 +91,13 @@ class Window:
 
 
 def through(
-    a: Tensor, b: Tensor, extent: int, stride: int, before: int, size: int
+    a: Tensor, b: Tensor, extent: int, stride: int, before: int, size: int, clip: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Output indices [lo, hi) whose window reads any of input indices [a, b) (per position;
-    empty where lo >= hi)."""
+    empty where lo >= hi), inside [0, ``size``), or beyond it without ``clip``."""
     lo = -torch.div(extent - 1 - a - before, stride, rounding_mode="floor")  # ceil division
     hi = torch.div(b - 1 + before, stride, rounding_mode="floor") + 1
-    return lo.clamp(min=0), hi.clamp(max=size)
+    return (lo.clamp(min=0), hi.clamp(max=size)) if clip else (lo, hi)
 
 
 def mutates(node: fx.Node, graph: fx.GraphModule) -> bool:

@@ -82,6 +82,16 @@ class Occlusion(PerturbationMethod):
     (:mod:`convlens.incremental`, Nakandala et al. 2019): the same numbers, with each position
     recomputing only what its patch reaches in the convolutional part; ``resolved
     ["incremental"]`` says how far that went, or why plain occlusion ran.
+
+    ``approximate=tau`` (in (0, 1]; default None: exact) opts into Krypton's approximate mode,
+    projective-field thresholding (Nakandala, Kumar & Papakonstantinou 2019, "Incremental and
+    Approximate Inference for Faster Occlusion-based Deep CNN Explanations", SIGMOD): at each
+    localised layer the recomputed region's side is capped at ceil(tau x the map's side) and
+    a patch's effect beyond it is dropped. The map is then an approximation of occlusion's: a
+    smaller tau recomputes less (faster) and drops more of each patch's far-reaching effect (a
+    larger error); tau = 1 is exact.
+    ``resolved["incremental"]["approximate"]`` records tau; where incremental occlusion cannot
+    run, plain (exact) occlusion runs and the record says so.
     """
 
     description = "score drop when a sliding patch is occluded (Zeiler & Fergus 2014)"
@@ -91,6 +101,7 @@ class Occlusion(PerturbationMethod):
         "stride": 16,
         "baseline": "zero",
         "score": "probability",
+        "approximate": None,
     }
     _incremental: ClassVar[bool] = True  # False: every occluded copy through the full model
 
@@ -100,6 +111,10 @@ class Occlusion(PerturbationMethod):
         positive_int("stride", params["stride"])
         check_baseline(params["baseline"])
         scorer(params["score"])
+        tau = params["approximate"]
+        number = isinstance(tau, (int, float)) and not isinstance(tau, bool)
+        if tau is not None and not (number and 0 < tau <= 1):
+            raise RequestError(f"approximate={tau!r} must be a number in (0, 1] (None: exact)")
 
     def score(self, targets: Target | list[Target], output: Tensor, unit: Any) -> Tensor:
         return scorer(self.params["score"])(targets, output, unit)
@@ -112,9 +127,11 @@ class Occlusion(PerturbationMethod):
         baseline = make_baseline(self.params["baseline"], x)
         rows, cols = window_starts(height, window, stride), window_starts(width, window, stride)
         positions = [(top, left) for top in rows for left in cols]
+        tau = self.params["approximate"]
         plan = "switched off"
         if self._incremental:
-            plan = plan_for(self.engine, targets, x.shape[1:], positions, window)
+            plan = plan_for(self.engine, targets, x.shape[1:], positions, window,
+                            1.0 if tau is None else float(tau))  # fmt: skip
         with self.engine.task(len(x) * (1 + len(positions))):
             if isinstance(plan, str):
                 clean, targets = self.engine.clean(x, targets, self.score)
@@ -127,9 +144,11 @@ class Occlusion(PerturbationMethod):
                     )
                 ]
                 record: Any = f"plain ({plan})"
+                if tau is not None:
+                    record += f"; exact, not approximate={tau}"
             else:
                 clean, targets, occluded = plan.scores(x, baseline, targets, self.score)
-                record = plan.record
+                record = plan.record if tau is None else {**plan.record, "approximate": tau}
         maps = [
             self._spread((clean[i] - s).view(1, 1, len(rows), len(cols)), window, stride,
                          (height, width))
