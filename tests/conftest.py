@@ -119,13 +119,13 @@ def probe(model, x: torch.Tensor) -> int:
 def _allocator_setting_not_leaked():
     """No test may leave glibc's keep-freed-memory setting on: it changes the default batch
     sizes (``convlens.engine.default_batch_size``) of every later test."""
-    from convlens import engine
+    from convlens import allocator, engine
 
     yield
     leaked = dict(engine._KEPT)
     if leaked["active"] or leaked["scoped"]:
         engine._KEPT["active"] = engine._KEPT["scoped"] = False
-        engine._set_thresholds(32 << 20, 64 << 20)  # as freed_memory_kept() leaves them
+        engine._set_thresholds(32 << 20, allocator.KEPT_AFTER)  # as freed_memory_kept() leaves them
     assert not leaked["active"] and not leaked["scoped"], (
         f"the test left convlens.engine._KEPT = {leaked}; restore it (monkeypatch.setitem)"
     )

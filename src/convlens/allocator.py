@@ -33,11 +33,13 @@ _M_MMAP_THRESHOLD = -3
 _KEPT = {"active": False, "scoped": False}
 _SCOPES = [0]  # freed_memory_kept blocks open now, in any thread
 _SCOPE_GUARD = threading.Lock()
-# resident bytes when the first freed_memory_kept block opened
+# resident bytes when the outermost freed_memory_kept block opened, and what the blocks have
+# left resident since the last trim (the growth inside each, summed)
 _RESIDENT_AT_START = [0]
-# what a block may leave resident beyond what it found, freed memory glibc keeps for the next
-# call: calls under it (a gradient method at 224 px on EfficientNet-Lite0 grows the heap by
-# about 170 MB) then reuse it instead of paying page faults for it again
+_LEFT = [0]
+# the freed memory the blocks may leave resident in all, for the next call: calls under it (a
+# gradient method at 224 px on EfficientNet-Lite0 grows the heap by about 170 MB) then reuse it
+# instead of paying page faults for it again
 KEPT_AFTER = 256 << 20
 
 
@@ -92,14 +94,15 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 def freed_memory_kept(limit: int = 1 << 30) -> Iterator[bool]:
     """Keep freed memory for reuse (:func:`keep_freed_memory`) inside the block only.
 
-    On leaving, the thresholds go back to the values glibc's own adaptive rule reaches once a
-    32 MiB block has been freed (mmap 32 MiB, trim 64 MiB; any CNN forward frees such blocks).
-    Where the process holds more than ``KEPT_AFTER`` (256 MiB) resident beyond what it held on
-    entering, ``malloc_trim`` returns the freed memory to the system; below it the memory stays
-    for the next call, which would otherwise fault it in again (measured: DeepLIFT on the
-    bundled model at 224 px, called in a loop, 164 -> 100 ms per call). Does nothing where
-    :func:`keep_freed_memory` is already active or the platform is not Linux/glibc. Yields
-    whether freed memory is kept inside the block.
+    On leaving, blocks over 32 MiB are mapped fresh again (the value glibc's own adaptive rule
+    reaches once such a block has been freed; any CNN forward frees one), and glibc returns the
+    top of the heap beyond ``KEPT_AFTER`` (256 MiB) as memory is freed. The blocks' growth in
+    resident memory is summed; once it passes ``KEPT_AFTER``, or where resident memory cannot
+    be read, ``malloc_trim`` returns all freed memory to the system and the sum restarts. Below
+    it the memory stays for the next call, which would otherwise fault it in again (measured:
+    DeepLIFT on the bundled model at 224 px, called in a loop, 164 -> 100 ms per call). Does
+    nothing where :func:`keep_freed_memory` is already active or the platform is not
+    Linux/glibc. Yields whether freed memory is kept inside the block.
     """
     with _SCOPE_GUARD:  # blocks in several threads: the last one out restores the thresholds
         owned = not _KEPT["active"] and (_KEPT["scoped"] or _set_thresholds(limit, limit))
@@ -117,9 +120,12 @@ def freed_memory_kept(limit: int = 1 << 30) -> Iterator[bool]:
                 _SCOPES[0] -= 1
                 if _SCOPES[0] == 0:
                     _KEPT["scoped"] = False
-                    _set_thresholds(32 << 20, 64 << 20)
-                    if _resident() - _RESIDENT_AT_START[0] > KEPT_AFTER:
+                    _set_thresholds(32 << 20, KEPT_AFTER)
+                    now, start = _resident(), _RESIDENT_AT_START[0]
+                    _LEFT[0] = max(0, _LEFT[0] + now - start)
+                    if not (now and start) or _LEFT[0] > KEPT_AFTER:
                         _trim()
+                        _LEFT[0] = 0
 
 
 def keeping_freed_memory() -> bool:
