@@ -46,7 +46,9 @@ def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:
 def zplus_bound(
     module: torch.nn.Module, x: torch.Tensor, target: int
 ) -> Callable[[], torch.Tensor]:
-    """A lower bound on LRP's cost: z+ through every convolution and nothing else, hand-written.
+    """A lower bound on LRP's cost: z+ (Montavon et al. 2017, "Explaining nonlinear
+    classification decisions with deep Taylor decomposition", Pattern Recognition) through
+    every convolution and nothing else, hand-written.
 
     One forward pass keeps each convolution's input; then, per convolution from the last to
     the first: z+ = conv(x, w+) (with [x+, x-] and [w+, w-] where x takes both signs), the
@@ -92,6 +94,7 @@ def zplus_bound(
     def run() -> torch.Tensor:
         """The relevance at the first convolution's input, its output's relevance all ones."""
         handles = [c.register_forward_hook(keep) for c in convs]
+        shares = image
         try:
             with torch.no_grad():
                 module(image)[0, target]

@@ -313,3 +313,23 @@ def test_a_changed_model_is_traced_again():
     again = cl.explain(model, x, "occlusion", target=0, window=2, stride=2)
     close(again.attribution, fast.attribution, 1e-6)
     assert not torch.allclose(first.attribution, again.attribution)
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v2", "resnet_bottleneck"])
+def test_aligned_crops_equal_the_copied_ones(monkeypatch, family):
+    """Windows whose input crops are exactly their source's crops (1x1 convolutions) read
+    those crops as they are: the same scores, bit for bit, as copying them out."""
+    model, x = ZOO[family]().double(), zoo_input(1).double()
+    found = []
+    real = incremental._aligned
+
+    def spy(*args):
+        found.append(real(*args))
+        return found[-1]
+
+    monkeypatch.setattr(incremental, "_aligned", spy)
+    fast = cl.explain(model, x, "occlusion", target=3, window=8, stride=6, progress=False)
+    assert any(found), "no aligned window: the test would prove nothing"
+    monkeypatch.setattr(incremental, "_aligned", lambda *args: False)
+    copied = cl.explain(model, x, "occlusion", target=3, window=8, stride=6, progress=False)
+    assert torch.equal(fast.attribution, copied.attribution)

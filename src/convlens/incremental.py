@@ -401,9 +401,11 @@ class _Run:
         return self.plan.run(node, self._get)
 
     def _shaped(self, node: fx.Node) -> Any:
-        """A node's value with the chunk's batch size, for reading its shape."""
+        """A node's value with the chunk's batch size, for reading its shape: a clean map
+        expanded (not copied) where the value depends on the input, else the value itself."""
         value = self.cache[node]
-        if isinstance(value, Tensor) and value.dim() == 4 and len(value) == 1:
+        batched = node in self.plan.depends and isinstance(value, Tensor)
+        if batched and value.dim() == 4 and len(value) == 1:
             return value.expand(self.n, *value.shape[1:])
         return self._get(node)
 

@@ -9,6 +9,7 @@ of the clean inputs (which also resolve ``Predicted()`` targets).
 from __future__ import annotations
 
 import math
+import numbers
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -112,7 +113,7 @@ class Occlusion(PerturbationMethod):
         check_baseline(params["baseline"])
         scorer(params["score"])
         tau = params["approximate"]
-        number = isinstance(tau, (int, float)) and not isinstance(tau, bool)
+        number = isinstance(tau, numbers.Real) and not isinstance(tau, bool)
         if tau is not None and not (number and 0 < tau <= 1):
             raise RequestError(f"approximate={tau!r} must be a number in (0, 1] (None: exact)")
 

@@ -245,24 +245,18 @@ def with_background(
         raise RequestError(unused_background(methods))
     params = {name: dict(value) for name, value in (params or {}).items()}
     notes: dict[str, str] = {}
-    for method in methods:
+    for method in background_users(methods, params):
         given = params.get(method, {})
-        baseline = given.get("baseline")
-        if background is None:
-            if method == "deeplift" and given.get("shap") is True and baseline is None:
+        if background is None:  # "mean" stays each image's mean colour
+            if method == "deeplift" and given.get("baseline") is None:
                 raise RequestError(
                     "DeepSHAP (deeplift with shap=True) needs a reference set: give a "
                     "background (--background DIR on the command line)"
                 )
-            continue
-        if isinstance(baseline, str) and baseline == "mean":
-            given["baseline"] = background.mean()
-            notes[method] = f"mean image of the {background.description}"
-        elif baseline is None and (
-            method == "gradient_shap" or (method == "deeplift" and given.get("shap") is True)
-        ):
-            given["baseline"] = background.images
+        elif given.get("baseline") is None:  # a reference set's user
+            params[method] = given | {"baseline": background.images}
             notes[method] = background.description
-        if given:
-            params[method] = given
+        else:  # baseline="mean"
+            params[method] = given | {"baseline": background.mean()}
+            notes[method] = f"mean image of the {background.description}"
     return params, notes
