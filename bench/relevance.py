@@ -28,7 +28,13 @@ SETTINGS = {
     "deeplift": {"baseline": "zero"},
     "gradient_shap": {"n_samples": 16},
 }
-FLOORS = {"lrp": "fwdbwd_once", "deeplift": "fwdbwd_b1", "gradient_shap": "fwdbwd_best"}
+# LRP and Excitation Backprop: one forward and one backward pass with their rules, at batch 1
+FLOORS = {
+    "lrp": "fwdbwd_once",
+    "excitation_backprop": "fwdbwd_once",
+    "deeplift": "fwdbwd_b1",
+    "gradient_shap": "fwdbwd_best",
+}
 
 
 def oracles(module: torch.nn.Module, x: torch.Tensor, target: int) -> dict:

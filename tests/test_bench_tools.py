@@ -86,3 +86,16 @@ def test_the_lrp_bound_computes_z_plus(signed: bool, monkeypatch: pytest.MonkeyP
         (grad,) = torch.autograd.grad((nn.functional.conv2d(p, v, None, 2, 1) * signal).sum(), p)
         expected = expected + p.detach() * grad
     assert torch.allclose(shares, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("suite", ["gradient", "cam", "relevance", "perturbation"])
+def test_every_method_of_a_suite_has_a_floor(suite: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m bench SUITE`` times every registered method of its family against a floor:
+    a method added to the family without one stops the suite (KeyError)."""
+    import importlib
+
+    import convlens as cl
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    floors = importlib.import_module(f"bench.{suite}").FLOORS
+    assert set(cl.list_methods(suite)) <= set(floors)
