@@ -132,6 +132,25 @@ def test_calls_leave_at_most_kept_after_of_freed_memory_in_all(monkeypatch):
     assert seen == [0, 0, 1, 2, 3]
 
 
+def test_a_long_call_returns_its_freed_memory(monkeypatch):
+    from convlens import allocator
+
+    monkeypatch.setitem(allocator._KEPT, "active", False)
+    monkeypatch.setattr(allocator, "_set_thresholds", lambda mmap, trim: True)
+    monkeypatch.setattr(allocator, "_LEFT", [0])
+    trims = []
+    monkeypatch.setattr(allocator, "_trim", lambda: trims.append(1))
+    monkeypatch.setattr(allocator, "_resident", lambda: 100)  # nothing left behind
+    clock = iter([0.0, allocator.LONG_BLOCK, 10.0, 10.0 + allocator.LONG_BLOCK + 0.01])
+    monkeypatch.setattr(allocator, "_clock", lambda: next(clock))
+    with allocator.freed_memory_kept():
+        pass
+    assert trims == []  # as long as LONG_BLOCK: kept
+    with allocator.freed_memory_kept():
+        pass
+    assert trims == [1]  # longer: returned
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
 def test_memory_a_call_frees_beyond_kept_after_goes_back_to_the_system():
     from convlens import allocator
